@@ -1,0 +1,38 @@
+# syncd — the two commands a new user needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench sim clean mosquitto
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## simulators + daemon + embedded ClickHouse, live progress, summary
+	$(BIN)/syncd demo --duration $${DURATION:-20}
+
+mosquitto:  ## the tests start their own broker; install it when missing
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  echo "installing mosquitto (Debian package)"; \
+	  (apt-get update -qq && apt-get install -y -qq mosquitto) || \
+	  (sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto); }
+
+test: $(STAMP) mosquitto
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check syncd tests bench
+	$(BIN)/mypy syncd
+
+bench: $(STAMP) mosquitto
+	$(BIN)/python bench/bench_iotopen.py
+
+sim: $(STAMP)
+	$(BIN)/syncd sim --write-config data/sim.toml
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

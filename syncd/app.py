@@ -1,0 +1,178 @@
+"""Wiring and lifecycle: start order, the run loop, SIGTERM, stop order."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import structlog
+
+from syncd.http import TokenBucket, VendorClient
+from syncd.observability import Metrics, serve_http
+from syncd.scheduler import Syncer
+from syncd.settings import Settings
+from syncd.sinks import build_sinks
+from syncd.sinks.base import Drainer, Sink
+from syncd.sources import SOURCES
+from syncd.spool import Spool
+
+log = structlog.get_logger("syncd.app")
+
+FLUSH_TIMEOUT = 30.0  # bound on draining the spool at shutdown
+INFLIGHT_TIMEOUT = 60.0  # bound on waiting for in-flight pages at shutdown
+
+
+class Daemon:
+    """One syncd process: spool, sinks with their drainers, sources and their jobs."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
+                 sinks: list[Sink] | None = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.metrics = Metrics()
+        self.spool = Spool(settings.syncd.data_dir / "state.db")
+        self.sinks = sinks if sinks is not None else build_sinks(settings)
+        self.drainers = [Drainer(s, self.spool, self.metrics) for s in self.sinks]
+        self.syncer = Syncer(self.spool, self.metrics, instance=settings.syncd.instance, wake=self._wake,
+                             room=self._room, shard=settings.syncd.shard_index)
+        self.session: aiohttp.ClientSession | None = None
+        self.drain_stop = asyncio.Event()
+        self.drain_tasks: list[asyncio.Task[None]] = []
+        self.http_runner: Any = None
+        self._full_logged = False
+
+    # -- start / stop -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.spool.register_sinks([s.name for s in self.sinks])
+        self.session = aiohttp.ClientSession(headers={"User-Agent": "syncd/0.1"})
+        for cfg in self.settings.sources:
+            if not cfg.enabled:
+                continue
+            cls = SOURCES[cfg.vendor]
+            bucket = TokenBucket(cfg.rate or cls.default_rate, cfg.burst or cls.default_burst)
+            client = VendorClient(self.session, bucket, timeout=cfg.timeout, concurrency=cfg.concurrency,
+                                  tls_verify=cfg.tls_verify, map_error=cls.map_error)
+            self.syncer.add_source(cls(cfg, client, clock=self.clock))
+        for d in self.drainers:
+            self.drain_tasks.append(asyncio.create_task(d.run(self.drain_stop), name=f"drain:{d.sink.name}"))
+        self.http_runner = await serve_http(self.settings.syncd.http, self.metrics, self.ready)
+        log.info("syncd.started", instance=self.settings.syncd.instance, sources=len(self.syncer.sources),
+                 sinks=[s.name for s in self.sinks])
+
+    async def discover_all(self) -> None:
+        await asyncio.gather(*(self.syncer.discover(name) for name in self.syncer.sources))
+
+    async def stop(self, flush_timeout: float = FLUSH_TIMEOUT) -> bool:
+        """Stop scheduling, let in-flight pages finish, flush the drainers (bounded). True if all was flushed."""
+        await self.syncer.stop_and_wait(INFLIGHT_TIMEOUT)
+        self.drain_stop.set()
+        await asyncio.gather(*self.drain_tasks, return_exceptions=True)
+        deadline = time.monotonic() + flush_timeout
+        flushed = all(await asyncio.gather(*(d.flush(deadline) for d in self.drainers)))
+        if not flushed:
+            log.warning("syncd.flush_incomplete", hint="undelivered pages stay in the spool and go out on next start")
+        for sink in self.sinks:
+            try:
+                await sink.close()
+            except Exception as err:  # closing must not hide the rest of the shutdown
+                log.warning("sink.close_failed", sink=sink.name, error=str(err))
+        if self.session is not None:
+            await self.session.close()
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        self.spool.close()
+        log.info("syncd.stopped", flushed=flushed)
+        return flushed
+
+    # -- modes --------------------------------------------------------------------------------------
+
+    async def run_once(self) -> dict[str, str]:
+        """Sync every stream until caught up, drain every sink; returns {source: reason} for failed sources."""
+        await self.discover_all()
+        jobs = [self.syncer.run_stream(src, stream) for src, st in self.syncer.sources.items() for stream in st.streams]
+        states = await asyncio.gather(*jobs)
+        failed = {name: st.failed for name, st in self.syncer.sources.items() if st.failed}
+        for state in states:
+            if state.failing and state.source not in failed:
+                failed[state.source] = f"stream {state.stream}: {state.error}"
+        return failed
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        await self.discover_all()
+        self.syncer.schedule()
+        await stop.wait()
+
+    # -- pieces the syncer calls back ---------------------------------------------------------------
+
+    def _wake(self) -> None:
+        for d in self.drainers:
+            d.wake.set()
+        self.metrics.set("syncd_spool_bytes", self.spool.pending_bytes)
+
+    async def _room(self) -> None:
+        """Back-pressure: wait (block) or drop the laggard's oldest page (drop_oldest) while the spool is full."""
+        limit = self.settings.spool.max_bytes
+        while self.spool.pending_bytes >= limit and not self.syncer.stop.is_set():
+            if self.settings.spool.on_full == "drop_oldest":
+                sink = await self.spool.run(self.spool.laggard)
+                if sink is None:
+                    return
+                rows = await self.spool.run(self.spool.drop_oldest, sink)
+                self.metrics.inc("syncd_spool_dropped_rows_total", rows, sink=sink)
+                log.warning("spool.full_dropped_oldest", sink=sink, rows=rows, limit=limit)
+                continue
+            if not self._full_logged:
+                log.warning("spool.full_pausing_pollers", pending_bytes=self.spool.pending_bytes, limit=limit)
+                self._full_logged = True
+            self.metrics.set("syncd_pollers_paused", 1)
+            await asyncio.sleep(0.2)
+        if self._full_logged:
+            log.info("spool.room_again", pending_bytes=self.spool.pending_bytes)
+            self._full_logged = False
+            self.metrics.set("syncd_pollers_paused", 0)
+
+    def ready(self) -> tuple[bool, str]:
+        failed = [n for n, st in self.syncer.sources.items() if st.failed]
+        if failed:
+            return False, "failed sources: " + ", ".join(failed)
+        return True, "ready"
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run(settings: Settings, *, once: bool) -> int:
+    """`syncd run`: 0 when every source synced, 1 naming the failed ones (--once), 0 after a clean SIGTERM."""
+    daemon = Daemon(settings)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    await daemon.start()
+    failed: dict[str, str] = {}
+    try:
+        if once:
+            job = asyncio.create_task(daemon.run_once())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait([job, stopper], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if job.done():
+                failed = job.result()
+            else:
+                daemon.syncer.stop.set()
+                await asyncio.wait([job], timeout=INFLIGHT_TIMEOUT)
+        else:
+            await daemon.run_forever(stop)
+    finally:
+        flushed = await daemon.stop(flush_timeout=600.0 if once else FLUSH_TIMEOUT)
+    for name, reason in failed.items():
+        log.error("run.source_failed", source=name, reason=reason)
+    if once and not flushed:
+        return 1
+    return 1 if failed else 0

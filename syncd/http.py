@@ -1,0 +1,214 @@
+"""Outbound HTTP: one session, a throttle per vendor credential, retries driven by the error class."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+
+from syncd.errors import (
+    MalformedResponse,
+    RateLimited,
+    RequestRejected,
+    Transient,
+    VendorAuthError,
+    VendorConnectionError,
+    VendorTimeout,
+    VendorUnavailable,
+)
+
+log = structlog.get_logger("syncd.http")
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class TokenBucket:
+    """Token bucket with AIMD: halve the rate on 429, add back a step per success; `Retry-After` blocks all.
+
+    Clock and sleep are injected so tests can prove the limits without waiting.
+    """
+
+    def __init__(
+        self, rate: float, burst: int, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
+        min_rate: float | None = None,
+    ) -> None:
+        self.max_rate = self.rate = float(rate)
+        self.burst = max(1, int(burst))
+        self.min_rate = min_rate if min_rate is not None else max(self.max_rate / 64, 0.05)
+        self.clock, self.sleep = clock, sleep
+        self.tokens = float(self.burst)
+        self.updated = clock()
+        self.blocked_until = 0.0
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait until one request may be sent."""
+        async with self._lock:
+            while True:
+                now = self.clock()
+                if now < self.blocked_until:
+                    await self.sleep(self.blocked_until - now)
+                    continue
+                self._refill(now)
+                if self.tokens >= 1.0:
+                    self.tokens -= 1.0
+                    return
+                await self.sleep((1.0 - self.tokens) / self.rate)
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def on_rate_limited(self, retry_after: float | None) -> None:
+        """Multiplicative decrease, empty the bucket, and respect the vendor's pause when it gave one."""
+        now = self.clock()
+        self._refill(now)
+        self.rate = max(self.min_rate, self.rate / 2)
+        self.tokens = 0.0
+        pause = retry_after if retry_after is not None else 1.0 / self.rate
+        self.blocked_until = max(self.blocked_until, now + pause)
+
+    def on_success(self) -> None:
+        """Additive increase back towards the configured rate."""
+        if self.rate < self.max_rate:
+            self.rate = min(self.max_rate, self.rate + self.max_rate / 20)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6  # transient failures (5xx, timeouts, resets, malformed bodies) per request
+    rate_limited_attempts: int = 30  # 429s per request before the run gives up (the bucket already slowed down)
+    base: float = 0.5
+    cap: float = 30.0
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """Exponential backoff with full jitter."""
+        return rng.uniform(0, min(self.cap, self.base * 2**attempt))
+
+
+@dataclass
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    url: str
+
+    def json(self) -> Any:
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError as err:
+            raise MalformedResponse(
+                f"response from {self.url} is not valid JSON ({err})", status=self.status,
+                body=self.body[:200].decode("utf-8", "replace"), url=self.url,
+            ) from None
+
+
+ErrorMapper = Callable[[int, Mapping[str, str], bytes, str], Exception | None]
+
+
+def default_error(status: int, headers: Mapping[str, str], body: bytes, url: str) -> Exception | None:
+    """Map an HTTP status to our error tree (vendors override the auth and message parts)."""
+    text = body[:300].decode("utf-8", "replace")
+    if status < 400:
+        return None
+    if status == 429:
+        return RateLimited(f"rate limited by {url}", retry_after=retry_after(headers), status=status, body=text, url=url)
+    if status == 401:
+        return VendorAuthError(f"credential refused ({status}) by {url}", status=status, body=text, url=url)
+    if status >= 500 or status == 408:
+        return VendorUnavailable(f"vendor error {status} from {url}", status=status, body=text, url=url)
+    return RequestRejected(f"request rejected ({status}) by {url}: {text}", status=status, body=text, url=url)
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date)."""
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class VendorClient:
+    """Sends one source's requests: throttle, concurrency cap, error mapping, retries with backoff."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, bucket: TokenBucket, *, timeout: float, concurrency: int = 4,
+        tls_verify: bool = True, retry: RetryPolicy = RetryPolicy(), map_error: ErrorMapper = default_error,
+        sleep: Sleep = asyncio.sleep, seed: int | None = None,
+    ) -> None:
+        self.session, self.bucket = session, bucket
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.ssl: bool | None = None if tls_verify else False
+        self.retry, self.map_error, self.sleep = retry, map_error, sleep
+        self.gate = asyncio.Semaphore(concurrency)
+        self.rng = random.Random(seed)
+        self.requests = 0
+
+    async def request(
+        self, method: str, url: str, *, headers: Mapping[str, str] | None = None, params: Any = None,
+        json: Any = None, data: bytes | str | None = None,
+    ) -> Response:
+        transient = limited = 0
+        while True:
+            try:
+                return await self._once(method, url, headers=headers, params=params, json=json, data=data)
+            except RateLimited as err:
+                limited += 1
+                if limited >= self.retry.rate_limited_attempts:
+                    raise
+                log.info("http.rate_limited", url=_redact(url), retry_after=err.retry_after, rate=self.bucket.rate)
+            except Transient as err:
+                transient += 1
+                if transient >= self.retry.attempts:
+                    raise
+                delay = self.retry.backoff(transient, self.rng)
+                log.info("http.retry", url=_redact(url), error=str(err), attempt=transient, delay=round(delay, 3))
+                await self.sleep(delay)
+
+    async def _once(self, method: str, url: str, **kw: Any) -> Response:
+        await self.bucket.acquire()
+        body = b""
+        async with self.gate:
+            self.requests += 1
+            try:
+                data = kw.pop("json")
+                if data is not None:
+                    kw["data"] = orjson.dumps(data)
+                    kw["headers"] = {"Content-Type": "application/json", **(kw.get("headers") or {})}
+                async with self.session.request(method, url, timeout=self.timeout, ssl=self.ssl, **kw) as resp:
+                    body = await resp.read()
+                    status, headers, final_url = resp.status, resp.headers, str(resp.url)
+            except TimeoutError:
+                raise VendorTimeout(f"{method} {_redact(url)} timed out", url=url) from None
+            except aiohttp.ClientPayloadError as err:
+                raise MalformedResponse(f"{method} {_redact(url)}: body cut short ({err})", url=url) from None
+            except aiohttp.ClientError as err:
+                raise VendorConnectionError(f"{method} {_redact(url)}: {err.__class__.__name__}: {err}", url=url) from None
+        error = self.map_error(status, headers, body, _redact(final_url))
+        if error is not None:
+            if isinstance(error, RateLimited):
+                self.bucket.on_rate_limited(error.retry_after)
+            raise error
+        self.bucket.on_success()
+        return Response(status, headers, body, final_url)
+
+
+def _redact(url: str) -> str:
+    """Query strings can carry keys (Navixy `?hash=`): never log them."""
+    return url.split("?", 1)[0]

@@ -1,0 +1,235 @@
+"""Jobs: one APScheduler job per (source, stream) that pages until caught up, committing each page to the spool."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from syncd.errors import Terminal, Transient, VendorAuthError
+from syncd.observability import Metrics
+from syncd.sources.base import Source, Stream
+from syncd.spool import Spool
+
+log = structlog.get_logger("syncd.sync")
+
+
+@dataclass
+class StreamState:
+    """What the daemon knows of one stream, for progress, /readyz and sync_status."""
+
+    source: str
+    stream: str
+    kind: str
+    events: int = 0
+    pages: int = 0
+    lag_s: float | None = None
+    failing: bool = False
+    last_success: float | None = None
+    dead_logged: bool = False
+    error: str = ""
+
+
+@dataclass
+class SourceState:
+    source: Source
+    streams: dict[str, Stream] = field(default_factory=dict)
+    failed: str = ""  # non-empty: the source is stopped, with the reason
+
+
+def in_shard(source: str, tenant: str, shard: tuple[int, int]) -> bool:
+    """hashmod(source/tenant) == shard index: replicas split streams without talking to each other."""
+    index, count = shard
+    return count == 1 or zlib.crc32(f"{source}/{tenant}".encode()) % count == index
+
+
+class Syncer:
+    """Runs stream jobs: fetch a page, spool it with its cursor, repeat until caught up or stopping."""
+
+    def __init__(self, spool: Spool, metrics: Metrics, *, instance: str, wake: Callable[[], None],
+                 room: Callable[[], Awaitable[None]], shard: tuple[int, int] = (0, 1)) -> None:
+        self.spool, self.metrics, self.instance = spool, metrics, instance
+        self.wake, self.room, self.shard = wake, room, shard
+        self.sources: dict[str, SourceState] = {}
+        self.states: dict[tuple[str, str], StreamState] = {}
+        self.stop = asyncio.Event()
+        self.inflight: set[asyncio.Task[Any]] = set()
+        self.scheduler: AsyncIOScheduler | None = None
+
+    def add_source(self, source: Source) -> None:
+        self.sources[source.name] = SourceState(source)
+
+    # -- discovery --------------------------------------------------------------------------------
+
+    async def discover(self, name: str) -> list[Stream]:
+        """Log in (first time) and list the source's streams in this shard; a bad credential fails the source."""
+        st = self.sources[name]
+        if st.failed:
+            return []
+        try:
+            if not st.streams:
+                await st.source.login()
+            streams = await self._with_relogin(st, st.source.discover)
+        except VendorAuthError as err:
+            self._fail_source(st, err)
+            return []
+        except (Transient, Terminal) as err:
+            log.warning("source.discovery_failed", source=name, error=str(err))
+            self.metrics.inc("syncd_discovery_errors_total", source=name)
+            return list(st.streams.values())
+        mine = [s for s in streams if in_shard(name, s.tenant, self.shard)]
+        for s in mine:
+            st.streams[s.name] = s
+            self.states.setdefault((name, s.name), StreamState(name, s.name, s.kind))
+        return mine
+
+    def _fail_source(self, st: SourceState, err: Exception) -> None:
+        if not st.failed:
+            st.failed = str(err)
+            log.error("source.failed", source=st.source.name, error=str(err),
+                      hint="check the credential; the source stays stopped until syncd is restarted")
+            self.metrics.set("syncd_source_failed", 1, source=st.source.name)
+
+    async def _with_relogin(self, st: SourceState, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await call()
+        except VendorAuthError:
+            if not await st.source.relogin():
+                raise
+            log.info("source.relogin", source=st.source.name)
+            return await call()
+
+    # -- one stream run ---------------------------------------------------------------------------
+
+    async def run_stream(self, source_name: str, stream_name: str) -> StreamState:
+        """Page until caught up (or stopping); every page and its cursor are one spool transaction."""
+        st = self.sources[source_name]
+        state = self.states[(source_name, stream_name)]
+        if st.failed or self.stop.is_set():
+            return state
+        task = asyncio.current_task()
+        if task is not None:
+            self.inflight.add(task)
+        source, stream = st.source, st.streams[stream_name]
+        run_id = uuid.uuid4().hex[:8]
+        structlog.contextvars.bind_contextvars(source=source_name, stream=stream_name, run_id=run_id)
+        started, pages, events, dead = time.monotonic(), 0, 0, 0
+        cursor: Any = None
+        error = ""
+        try:
+            cursor = await self.spool.run(self.spool.get_cursor, source_name, stream_name)
+            while not self.stop.is_set():
+                await self.room()
+                page = await self._with_relogin(st, lambda c=cursor: source.fetch(stream, c))
+                payload = {"src": source_name, "vendor": source.vendor, "stream": stream_name,
+                           "e": [e.row() for e in page.events], "d": [[d.reason, d.payload] for d in page.dead]}
+                await self.spool.run(self.spool.commit_page, source_name, stream_name, payload, page.cursor)
+                self.wake()
+                cursor, pages, events, dead = page.cursor, pages + 1, events + len(page.events), dead + len(page.dead)
+                state.events += len(page.events)
+                state.pages += 1
+                state.lag_s = page.lag_s
+                self.metrics.inc("syncd_events_total", len(page.events), source=source_name, kind=stream.kind)
+                self.metrics.inc("syncd_pages_total", source=source_name)
+                if page.dead:
+                    self._dead_letters(state, page.dead)
+                if page.done:
+                    break
+        except VendorAuthError as err:
+            error = str(err)
+            self._fail_source(st, err)
+        except (Transient, Terminal) as err:
+            error = f"{err.__class__.__name__}: {err}"
+        except asyncio.CancelledError:
+            error = "cancelled"
+            raise
+        finally:
+            if task is not None:
+                self.inflight.discard(task)
+            duration = time.monotonic() - started
+            await self._finish(state, source, stream, error, cursor, events, pages, dead, duration)
+            structlog.contextvars.unbind_contextvars("source", "stream", "run_id")
+        return state
+
+    async def _finish(self, state: StreamState, source: Source, stream: Stream, error: str, cursor: Any,
+                      events: int, pages: int, dead: int, duration: float) -> None:
+        now = time.time()
+        if error:
+            self.metrics.inc("syncd_stream_errors_total", source=source.name, kind=stream.kind)
+            if not state.failing:
+                log.warning("stream.failing", error=error)
+            state.failing, state.error = True, error
+        else:
+            if state.failing:
+                log.info("stream.recovered")
+            state.failing, state.error, state.last_success = False, "", now
+        cursor_text = orjson.dumps(cursor).decode()[:500] if cursor is not None else ""
+        status = [source.name, source.vendor, stream.name, stream.kind, 0 if error else 1, cursor_text, events, pages,
+                  round(duration, 3), state.lag_s, error[:500],
+                  int(state.last_success * 1000) if state.last_success else None, int(now * 1000)]
+        payload = {"src": source.name, "vendor": source.vendor, "stream": stream.name, "s": [status]}
+        try:
+            await asyncio.shield(self.spool.run(self.spool.commit_page, source.name, stream.name, payload, None))
+        except Exception as err:  # status is best effort; the data pages are already safe
+            log.warning("status.not_spooled", error=str(err))
+        self.wake()
+        self.metrics.set("syncd_stream_lag_seconds", state.lag_s or 0.0, source=source.name, stream=stream.name)
+        log.info("sync.finished", events=events, pages=pages, dead_letters=dead, duration_s=round(duration, 3),
+                 cursor=cursor_text[:200], ok=not error)
+
+    def _dead_letters(self, state: StreamState, dead: list[Any]) -> None:
+        self.metrics.inc("syncd_dead_letters_total", len(dead), source=state.source, stream=state.stream)
+        if not state.dead_logged:  # once per stream, with a sample; the rest are counted
+            state.dead_logged = True
+            log.warning("sync.dead_letters", count=len(dead), reason=dead[0].reason, sample=dead[0].payload[:300])
+
+    # -- schedules --------------------------------------------------------------------------------
+
+    def schedule(self, rediscover_every: float = 600.0) -> AsyncIOScheduler:
+        """Start APScheduler with one job per stream (jittered, never overlapping) and a discovery job per source."""
+        self.scheduler = AsyncIOScheduler(timezone="UTC")
+        for name, st in self.sources.items():
+            self.scheduler.add_job(self._rediscover, "interval", args=[name], seconds=rediscover_every,
+                                   id=f"discover:{name}", max_instances=1, coalesce=True, jitter=30)
+            for stream in st.streams.values():
+                self._add_stream_job(name, stream)
+        self.scheduler.start()
+        return self.scheduler
+
+    def _add_stream_job(self, source_name: str, stream: Stream) -> None:
+        assert self.scheduler is not None
+        interval = self.sources[source_name].source.config.interval
+        job_id = f"{source_name}:{stream.name}"
+        if self.scheduler.get_job(job_id):
+            return
+        first = time.time() + random.uniform(0, min(2.0, interval))  # spread the first runs: no thundering herd
+        self.scheduler.add_job(
+            self.run_stream, "interval", args=[source_name, stream.name], seconds=interval, id=job_id,
+            jitter=max(0.0, min(interval * 0.1, 30.0)), max_instances=1, coalesce=True,
+            next_run_time=datetime.fromtimestamp(first, tz=UTC), misfire_grace_time=None,
+        )
+
+    async def _rediscover(self, name: str) -> None:
+        for stream in await self.discover(name):
+            self._add_stream_job(name, stream)
+
+    async def stop_and_wait(self, timeout: float) -> None:
+        """Stop scheduling; let in-flight pages finish (bounded)."""
+        self.stop.set()
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        pending = [t for t in self.inflight if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=timeout)
+            for t in still:
+                t.cancel()

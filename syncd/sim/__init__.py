@@ -1,0 +1,1 @@
+"""Fake vendor clouds for the demo, the tests and the benchmarks (`syncd sim`)."""

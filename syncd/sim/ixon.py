@@ -1,0 +1,866 @@
+"""IXON Cloud APIv2 simulator (brief: shared/vendors/ixon.md), strict enough that connector misreadings fail.
+
+Served under /api: discovery (GET /api/), access tokens, companies, agents, data sources, data tags,
+alarm occurrences and DataList. Only discovery hrefs are authoritative: DataList and alarm occurrences live
+at non-obvious paths, hrefs carry `{agentId}` / `{publicId}` templates.
+
+Choices the connector must mirror (the brief's §8 leaves them open):
+- telemetry: tenant = company publicId, device = agent publicId, metric = tag `slug` (unique per agent),
+  ts = point `time` in UTC ms, value = number (bool -> 1.0/0.0), text = value of `str` tags (value None).
+- alert: one event at `occurredOn`, and a second at `rtnOn` once the occurrence has closed; metric =
+  `alarm.name` verbatim (hostile characters included), value None, text = severity, or "severity: comment"
+  when the occurrence has a comment (same text on both events).
+- agent status (kind=status) is not a default stream and is not in ground_truth (its ts is poll time).
+- Data becomes visible 60 s after it happens (live) / history ends at anchor - 60 s; DataList windows are
+  [start, end); a query without `limit` gets 5000; lists are ordered, cursors are opaque base64 containing
+  `+` and `/` (so unencoded query strings fail); page-size above the maximum is clamped, not refused.
+- 429 bodies are text/plain (undocumented shape, no Retry-After); 500 uses the error envelope, 503 is an
+  HTML gateway page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import bisect
+import hashlib
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from aiohttp import web
+
+from syncd.sim.common import Faults, SlidingWindowLimit, TruthRow, VendorSim, dumps
+
+LAG_MS = 60_000  # propagation lag: data is visible once it is this old
+MAX_QUEUE_S = 5.0  # longest a buffered request may wait before it is refused
+MAX_LIMIT = 5000
+AGGS = {"count", "mean", "median", "mode", "spread", "sum", "first", "last", "max", "min", "raw"}
+OPS = {"lt", "lte", "eq", "ne", "gt", "gte", "in", "ni", "isnull", "isnotnull", "between", "contains"}
+ALIASES = {"less": "lt", "lessOrEqual": "lte", "equals": "eq", "differs": "ne", "greater": "gt", "greaterOrEqual": "gte"}
+APP_RE = re.compile(r"[A-Za-z0-9]{12}")
+COMPANY_RE = re.compile(r"\d{4}(-\d{4}){4}")
+CURSOR_PREFIX = b"\xfb\xff\xbf"  # encodes to "+/+/": cursors only survive proper URL encoding
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+# (name, slug, unit, variable type)
+TAG_BASES = [
+    ("Oven temperature", "oven-temperature", "°C", "float"),
+    ("Motor current", "motor-current", "A", "float"),
+    ("Parts produced", "parts-produced", "pcs", "int"),
+    ("Machine state", "machine-state", "", "str"),
+    ("Door closed", "door-closed", "", "bool"),
+    ('Druck "Einlauf" #1 / Pumpe +$', "druck-einlauf", "bar", "float"),
+    ("Energy total", "energy-total", "kWh", "float"),
+    ("Error code", "error-code", "", "int"),
+]
+STATES = ["RUNNING", "IDLE", "SETUP", 'FAULT E42: "overheat" / #2']
+AGENT_NAMES = ["Press line 1", 'Linie 3/Presse "Süd" #2 +$', "Packaging robot", "Chiller östlich"]
+ALARMS = [("High temperature", "high", "threshold"), ('Druck > 5 bar / "Pumpe #2" +$ ✓', "medium", "threshold"),
+          ("Door open", "low", "state")]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, prop: str | None = None, index: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.prop, self.index = status, message, prop, index
+
+
+@dataclass
+class IxonFaults(Faults):
+    drop: bool = False  # requests beyond the 250/s buffer lose their connection instead of getting a 429
+
+
+class BufferedLimit(SlidingWindowLimit):
+    """A window the buffer can wait on and pre-admit into, so the base middleware's check agrees."""
+
+    def __init__(self, limit: int, window: float, clock: Any) -> None:
+        super().__init__(limit, window, clock)
+        self.tickets = 0
+
+    def wait(self) -> float:
+        now = self.clock()
+        while self.hits and self.hits[0] <= now - self.window:
+            self.hits.popleft()
+        return 0.0 if len(self.hits) < self.limit else self.hits[-self.limit] + self.window - now + 1e-4
+
+    def admit(self) -> None:
+        self.hits.append(self.clock())
+        self.tickets += 1
+
+    def allow(self) -> bool:
+        if self.tickets:
+            self.tickets -= 1
+            return True
+        return super().allow()
+
+
+@dataclass
+class Tag:
+    agent: int
+    k: int
+    obj: dict[str, Any]
+    type: str
+    step: int  # ms between points
+    t0: int  # ms of point 0
+    n: int  # points in the history
+
+    def t(self, i: int) -> int:
+        return self.t0 + i * self.step
+
+
+@dataclass
+class Token:
+    public_id: str
+    secret: str
+    expires_ms: int | None
+    application: str | None  # service-account tokens only work with their own application
+    name: str | None = None
+    created: float = field(default=0.0)
+
+
+def _schema(text: str) -> dict[str, Any]:
+    return _parse_fields(text)
+
+
+SCHEMAS = {
+    "Company": _schema("publicId,name,custom,branding(publicId,name)"),
+    "Agent": _schema("publicId,name,deviceId,serialNumber,macAddress,activeStatus,activeVpnSession(publicId,startedOn),"
+                     "vpnChangedOn,mqttChangedOn,timeZone,company(publicId,name),dataSources(publicId,name,slug)"),
+    "DataSource": _schema("publicId,name,slug,disabled,protocol(publicId,name),valuesPerHour,agent(publicId,name),"
+                          "device(publicId,name)"),
+    "DataTag": _schema("publicId,tagId,name,slug,source(publicId,name,slug),retentionPolicy,logEvent,loggingInterval,"
+                       "variable(variableId,name,slug,type,unit,factor)"),
+    "AlarmOccurrence": _schema("publicId,alarm(publicId,name,type,severity),occurredOn,rtnOn,acknowledged,"
+                               "acknowledgedOn,silenced,stillActiveOn,comment"),
+    "AccessToken": _schema("publicId,secretId,expiresOn,lastUsedOn,trustedDeviceName"),
+}
+DEFAULTS = {"Company": "publicId,name", "Agent": "publicId,name", "DataSource": "publicId,name",
+            "DataTag": "publicId,tagId,name,slug", "AlarmOccurrence": "publicId,occurredOn,rtnOn",
+            "AccessToken": "publicId,secretId,expiresOn"}
+
+
+class IxonSim(VendorSim):
+    """One IXON company with `agents` agents, each with two data sources, logged tags and alarms."""
+
+    vendor = "ixon"
+
+    def __init__(self, seed: int = 1, *, clock: Any = time.time, live: bool = False, agents: int = 3,
+                 tags_per_agent: int = 24, points_per_tag: int = 240, history: float = 86400.0, alarms: int = 6,
+                 page_size: int = 20, max_page_size: int = 4000,
+                 rate_limit: tuple[int, int] | None = (50, 3000), buffer: int = 250) -> None:
+        super().__init__(seed, clock=clock)
+        self.faults = IxonFaults()
+        self.live, self.page_size, self.max_page_size = live, page_size, max_page_size
+        self.anchor = clock()
+        self.hist_end = int(self.anchor * 1000) - LAG_MS
+        self.history_ms = max(1, int(history * 1000))
+        self.alarms = max(1, alarms)
+        if rate_limit:
+            self.limits = [BufferedLimit(rate_limit[0], 1.0, clock), BufferedLimit(rate_limit[1], 60.0, clock)]
+        self.intake = SlidingWindowLimit(buffer, 1.0, clock)
+        self.company_id = "-".join(f"{self.rng.randrange(10000):04d}" for _ in range(5))
+        self.company_name = "Acme Machines B.V."
+        self.application_id = self._pid("app")
+        self.other_application_id = self._pid("app2")  # a registered app for personal (Basic-login) tokens
+        self.token = self._pid("sa-secret", size=32)
+        self.tokens: dict[str, Token] = {self.token: Token(self._pid("sa-token"), self.token, None, self.application_id)}
+        self.users = {"demo@example.com": ("demo-pass", None), "ops@example.com": ("ops:pass", "123456")}
+        self.agent_objs: list[dict[str, Any]] = []
+        self.sources: dict[str, dict[str, Any]] = {}  # publicId -> data source object
+        self.tags: list[list[Tag]] = []
+        for a in range(agents):
+            self._build_agent(a, tags_per_agent, max(1, points_per_tag))
+        self.agent_index = {o["publicId"]: a for a, o in enumerate(self.agent_objs)}
+
+    # -- deterministic data -------------------------------------------------
+    def _h(self, *parts: Any) -> int:
+        return int.from_bytes(hashlib.blake2b(repr((self.seed, *parts)).encode(), digest_size=8).digest(), "big")
+
+    def _pid(self, *parts: Any, size: int = 12) -> str:
+        digest = hashlib.blake2b(repr((self.seed, *parts)).encode(), digest_size=size).digest()
+        return "".join(ALNUM[b % 62] for b in digest)
+
+    def _build_agent(self, a: int, ntags: int, npoints: int) -> None:
+        pid = self._pid("agent", a)
+        name = AGENT_NAMES[a % len(AGENT_NAMES)] + (f" {a // len(AGENT_NAMES) + 1}" if a >= len(AGENT_NAMES) else "")
+        ref = {"publicId": pid, "name": name}
+        sources = []
+        for s, (sname, slug, proto) in enumerate([("PLC", "plc", "modbus"), ("Energy meter", "energy-meter", "opc-ua")]):
+            src = {"publicId": self._pid("source", a, s), "name": sname, "slug": slug, "disabled": False,
+                   "protocol": {"publicId": proto, "name": proto}, "valuesPerHour": 60, "agent": ref,
+                   "device": {"publicId": self._pid("device", a, s), "name": sname}}
+            self.sources[src["publicId"]] = src
+            sources.append(src)
+        changed = self.hist_end - self.history_ms // 3 + a * 7_001
+        self.agent_objs.append({
+            "publicId": pid, "name": name, "deviceId": str(1_000_000 + self._h("dev", a) % 9_000_000),
+            "serialNumber": f"IX2-{self._h('sn', a) % 10**8:08d}",
+            "macAddress": ":".join(f"{b:02x}" for b in [0, 0x60, 0x35, a % 256, (a * 7) % 256, 0x11]),
+            "activeStatus": "inactive" if a % 3 == 2 else "active",
+            "activeVpnSession": {"publicId": self._pid("vpn", a), "startedOn": _iso(changed)} if a == 0 else None,
+            "vpnChangedOn": _iso(changed), "mqttChangedOn": _iso(changed + 1_234), "timeZone": "Europe/Amsterdam",
+            "company": {"publicId": self.company_id, "name": self.company_name},
+            "dataSources": [{k: s[k] for k in ("publicId", "name", "slug")} for s in sources]})
+        step = max(1, self.history_ms // npoints)
+        tags = []
+        for k in range(ntags):
+            name, slug, unit, vtype = TAG_BASES[k % len(TAG_BASES)]
+            if k >= len(TAG_BASES):
+                name, slug = f"{name} {k // len(TAG_BASES) + 1}", f"{slug}-{k // len(TAG_BASES) + 1}"
+            src = sources[k % 2]
+            obj = {"publicId": self._pid("tag", a, k), "tagId": k + 1, "name": name, "slug": slug,
+                   "source": {k2: src[k2] for k2 in ("publicId", "name", "slug")}, "retentionPolicy": "52w",
+                   "logEvent": "change" if vtype in ("str", "bool") else "interval", "loggingInterval": f"{step}ms",
+                   "variable": {"variableId": 100 + k, "name": name, "slug": slug, "type": vtype, "unit": unit,
+                                "factor": 1}}
+            last = self.hist_end - self._h("jitter", a, k) % step
+            tags.append(Tag(a, k, obj, vtype, step, last - (npoints - 1) * step, npoints))
+        self.tags.append(tags)
+
+    def _bound(self) -> int:
+        """Newest visible ms: the history end, or now minus the propagation lag when live."""
+        return int(self.clock() * 1000) - LAG_MS if self.live else self.hist_end
+
+    def _count(self, tag: Tag) -> int:
+        if not self.live:
+            return tag.n
+        return max(0, (self._bound() - tag.t0) // tag.step + 1)
+
+    def _value(self, tag: Tag, i: int) -> Any:
+        h = self._h("v", tag.agent, tag.k, i) if tag.type != "float" else _mix(self.seed, tag.agent, tag.k, i)
+        if tag.type == "float":
+            wave = math.sin(2 * math.pi * i / 96 + tag.k)
+            return round(20.0 + 10 * tag.k % 7 + 5.0 * wave + (h % 1000) / 1000.0, 3)
+        if tag.type == "int":
+            return 1000 * tag.k + 3 * i + h % 3  # a counter: monotonic
+        if tag.type == "bool":
+            return bool((h >> 11) & 1)
+        return STATES[h % len(STATES)]
+
+    def _occurrences(self, a: int) -> list[dict[str, Any]]:
+        """Alarm occurrences of agent `a` visible now; each closes within its slot, the last historical stays open."""
+        bound, slot = self._bound(), self.history_ms / self.alarms
+        start = self.hist_end - self.history_ms + self._h("aoff", a) % max(1, int(slot * 0.1))
+        out, j = [], 0
+        while j < self.alarms or self.live:
+            h = self._h("occ", a, j)
+            occ = start + int(j * slot + (h % 1000) / 1000 * 0.3 * slot) + 1
+            if occ > bound:
+                break
+            dur = int(slot * 1.5) if j == self.alarms - 1 else int(slot * (0.2 + (h >> 10) % 400 / 1000))
+            rtn = occ + max(1, dur)
+            name, severity, atype = ALARMS[j % len(ALARMS)]
+            closed = rtn <= bound
+            comment = 'Checked on site, reset by "operator" #7' if j % 3 == 0 else None
+            out.append({"publicId": self._pid("occ", a, j),
+                        "alarm": {"publicId": self._pid("alarm", a, j % len(ALARMS)), "name": name, "type": atype,
+                                  "severity": severity},
+                        "occurredOn": _iso(occ), "rtnOn": _iso(rtn) if closed else None,
+                        "acknowledged": closed, "acknowledgedOn": _iso((occ + rtn) // 2) if closed else None,
+                        "silenced": False, "stillActiveOn": None if closed else _iso(bound), "comment": comment,
+                        "_occ": occ, "_rtn": rtn if closed else None})
+            j += 1
+        return out
+
+    # -- contract with the harness ---------------------------------------------
+    def ground_truth(self) -> list[TruthRow]:
+        rows: dict[tuple[str, str, str, str, int], TruthRow] = {}
+        for a, tags in enumerate(self.tags):
+            dev = self.agent_objs[a]["publicId"]
+            for tag in tags:
+                slug = tag.obj["slug"]
+                for i in range(self._count(tag)):
+                    v = self._value(tag, i)
+                    text = v if isinstance(v, str) else None
+                    value = None if text is not None else float(v)
+                    ts = tag.t(i)
+                    rows[("telemetry", self.company_id, dev, slug, ts)] = TruthRow(
+                        "ixon", "telemetry", self.company_id, dev, slug, ts, value, text)
+            for o in self._occurrences(a):
+                alarm = o["alarm"]
+                text = f"{alarm['severity']}: {o['comment']}" if o["comment"] else alarm["severity"]
+                for ts in (o["_occ"], o["_rtn"]):
+                    if ts is not None:
+                        key = ("alert", self.company_id, dev, alarm["name"], ts)
+                        rows[key] = TruthRow("ixon", "alert", self.company_id, dev, alarm["name"], ts, None, text)
+        return list(rows.values())
+
+    def source_config(self) -> dict[str, Any]:
+        return {"vendor": "ixon", "base_url": f"{self.url}/api", "application_id": self.application_id,
+                "company_id": self.company_id, "token": self.token}
+
+    def error(self, status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        if status == 429:  # undocumented body: a bare gateway answer, not the JSON envelope
+            return web.Response(status=429, text="429 Too Many Requests", headers=headers)
+        if status == 503:
+            return web.Response(status=503, text="<html><body><h1>503 Service Unavailable</h1></body></html>",
+                                content_type="text/html", headers=headers)
+        return self._error(status, message, headers=headers)
+
+    def _error(self, status: int, message: str, prop: str | None = None, index: int | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
+        body = {"status": "error", "type": "Error", "data": [{"message": message, "propertyName": prop,
+                                                              "listIndex": index}]}
+        return web.Response(status=status, text=dumps(body), content_type="application/json", headers=headers)
+
+    # -- app wiring ---------------------------------------------------------------
+    def make_app(self) -> web.Application:
+        app = super().make_app()
+        app.middlewares.insert(0, self._buffer)  # outermost: queue before the base's strict limit check
+        return app
+
+    @web.middleware
+    async def _buffer(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Brief §4: beyond 50/s or 3000/min requests are delayed, beyond 250/s dropped (429 or cut)."""
+        windows = [w for w in self.limits if isinstance(w, BufferedLimit)]
+        if request.path.startswith("/_sim/") or not windows:
+            return await handler(request)
+        deadline = time.monotonic() + MAX_QUEUE_S
+        ok = self.intake.allow()
+        while ok and (wait := max(w.wait() for w in windows)) > 0:
+            ok = time.monotonic() + wait <= deadline
+            if ok:
+                await asyncio.sleep(wait)
+        if not ok:
+            if self.faults.drop:  # type: ignore[attr-defined]
+                if request.transport:
+                    request.transport.close()
+                raise asyncio.CancelledError
+            return self.error(429, "Too Many Requests")
+        for w in windows:
+            w.admit()
+        return await handler(request)
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/api/", self._wrap(self._h_discovery, bearer=False))
+        r.add_post("/api/access-tokens", self._wrap(self._h_login, bearer=False))
+        r.add_delete("/api/access-tokens/{publicId}", self._wrap(self._h_delete_token))
+        r.add_get("/api/companies", self._wrap(self._h_companies))
+        r.add_get("/api/agents", self._wrap(self._h_agents, company=True))
+        r.add_get("/api/agents/{agentId}", self._wrap(self._h_agent, company=True))
+        r.add_get("/api/agents/{agentId}/data-sources", self._wrap(self._h_sources, company=True))
+        r.add_get("/api/agents/{agentId}/data-tags", self._wrap(self._h_tags, company=True))
+        r.add_get("/api/agents/{agentId}/data-alarm-occurrences", self._wrap(self._h_alarms, company=True))
+        r.add_post("/api/cloud-logging/data-lists", self._wrap(self._h_data, company=True))
+        r.add_route("*", "/{tail:.*}", self._wrap(self._h_missing, bearer=False, headers=False))
+
+    RELS = {"AccessRecoverList": "access-recover", "AccessTokenList": "access-tokens",
+            "AccessToken": "access-tokens/{publicId}", "CompanyList": "companies", "AgentList": "agents",
+            "Agent": "agents/{publicId}", "AgentDataSourceList": "agents/{agentId}/data-sources",
+            "AgentDataTagList": "agents/{agentId}/data-tags",
+            "AgentDataAlarmOccurrenceList": "agents/{agentId}/data-alarm-occurrences",
+            "DataList": "cloud-logging/data-lists"}
+
+    def _wrap(self, fn: Any, *, bearer: bool = True, company: bool = False, headers: bool = True) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                token = self._auth(request, bearer, company) if headers else None
+                return await fn(request, token)
+            except ApiError as e:
+                return self._error(e.status, e.message, e.prop, e.index)
+        return handler
+
+    def _auth(self, request: web.Request, bearer: bool, company: bool) -> Token | None:
+        h = request.headers
+        if h.get("Api-Version") != "2":
+            raise ApiError(400, "Header Api-Version must be 2", "Api-Version")
+        app = h.get("Api-Application", "")
+        if not APP_RE.fullmatch(app):
+            raise ApiError(400, "Header Api-Application must be 12 alphanumeric characters", "Api-Application")
+        if app not in (self.application_id, self.other_application_id):
+            raise ApiError(401, "Unknown application", "Api-Application")
+        accept = h.get("Accept", "application/json")
+        if not any(m in accept for m in ("application/json", "*/*", "application/*")):
+            raise ApiError(406, "Only application/json can be produced", "Accept")
+        token = None
+        if bearer:
+            scheme, _, secret = h.get("Authorization", "").partition(" ")
+            token = self.tokens.get(secret.strip()) if scheme.lower() == "bearer" else None
+            if token is None or self.faults.expired or (token.expires_ms or 1 << 62) <= self.clock() * 1000:
+                raise ApiError(401, "Invalid, expired or revoked access token", "Authorization")
+            if token.application and token.application != app:
+                raise ApiError(401, "Access token does not belong to this application", "Api-Application")
+        if company:
+            cid = h.get("Api-Company")
+            if not cid or not COMPANY_RE.fullmatch(cid):
+                raise ApiError(400, "Header Api-Company must be a company publicId", "Api-Company")
+            if cid != self.company_id:
+                raise ApiError(403, "No access to this company", "Api-Company")
+        return token
+
+    # -- handlers ---------------------------------------------------------------------
+    def _ok(self, rtype: str, data: Any, more_after: str | None = None, status: int = 200) -> web.Response:
+        body = {"type": rtype, "data": data, "moreAfter": more_after, "status": "success"}
+        return web.Response(status=status, text=dumps(body), content_type="application/json")
+
+    def _root(self, request: web.Request) -> str:
+        return self.url or f"{request.scheme}://{request.host}"
+
+    async def _h_missing(self, request: web.Request, _: Any) -> web.Response:
+        raise ApiError(404, f"No resource at {request.path}")
+
+    async def _h_discovery(self, request: web.Request, _: Any) -> web.Response:
+        root = self._root(request)
+        data = [{"rel": rel, "href": f"{root}/api/{path}"} for rel, path in self.RELS.items()]
+        return self._ok("Discovery", data)
+
+    async def _h_login(self, request: web.Request, _: Any) -> web.Response:
+        scheme, _, cred = request.headers.get("Authorization", "").partition(" ")
+        try:
+            email, otp, password = base64.b64decode(cred.strip(), validate=True).decode().split(":", 2)
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise ApiError(401, "Basic credentials must be email:otp:password", "Authorization") from None
+        user = self.users.get(email)
+        if scheme.lower() != "basic" or user is None or user[0] != password:
+            raise ApiError(401, "Invalid email or password", "Authorization")
+        if user[1] is not None and otp != user[1]:
+            raise ApiError(401, "Two-factor authentication code missing or wrong", "otp")
+        body = await _json(request)
+        exp = body.get("expiresIn") if isinstance(body, dict) else None
+        if not isinstance(exp, int) or isinstance(exp, bool) or not 60 <= exp <= 5_184_000:
+            raise ApiError(400, "expiresIn must be an integer from 60 to 5184000", "expiresIn")
+        now = self.clock()
+        tok = Token(self._pid("token", email, now, len(self.tokens)), self._pid("secret", email, now, len(self.tokens),
+                    size=32), int(now * 1000) + exp * 1000, None, body.get("trustedDeviceName"), now)
+        self.tokens[tok.secret] = tok
+        obj = {"publicId": tok.public_id, "secretId": tok.secret, "expiresOn": _iso(tok.expires_ms or 0),
+               "lastUsedOn": None, "trustedDeviceName": tok.name}
+        return self._ok("AccessToken", _select(request, "AccessToken", obj), status=201)
+
+    async def _h_delete_token(self, request: web.Request, _: Any) -> web.Response:
+        pid = request.match_info["publicId"]
+        for secret, tok in list(self.tokens.items()):
+            if tok.public_id == pid:
+                del self.tokens[secret]
+                return self._ok("AccessToken", None)
+        raise ApiError(404, "Access token not found")
+
+    async def _h_companies(self, request: web.Request, _: Any) -> web.Response:
+        items = [{"publicId": self.company_id, "name": self.company_name, "custom": False,
+                  "branding": {"publicId": self._pid("branding"), "name": "Acme"}}]
+        return self._list(request, "CompanyList", "Company", items, lambda o: [o["publicId"]])
+
+    def _agent(self, request: web.Request) -> int:
+        a = self.agent_index.get(request.match_info["agentId"])
+        if a is None:
+            raise ApiError(404, "Agent not found")
+        return a
+
+    async def _h_agents(self, request: web.Request, _: Any) -> web.Response:
+        return self._list(request, "AgentList", "Agent", self.agent_objs, lambda o: [self.agent_index[o["publicId"]]])
+
+    async def _h_agent(self, request: web.Request, _: Any) -> web.Response:
+        a = self._agent(request)
+        return self._ok("Agent", _select(request, "Agent", self.agent_objs[a]))
+
+    async def _h_sources(self, request: web.Request, _: Any) -> web.Response:
+        pid = self.agent_objs[self._agent(request)]["publicId"]
+        items = [s for s in self.sources.values() if s["agent"]["publicId"] == pid]
+        return self._list(request, "AgentDataSourceList", "DataSource", items, lambda o: [o["slug"]])
+
+    async def _h_tags(self, request: web.Request, _: Any) -> web.Response:
+        items = [t.obj for t in self.tags[self._agent(request)]]
+        return self._list(request, "AgentDataTagList", "DataTag", items, lambda o: [o["tagId"]])
+
+    async def _h_alarms(self, request: web.Request, _: Any) -> web.Response:
+        items = self._occurrences(self._agent(request))
+        return self._list(request, "AgentDataAlarmOccurrenceList", "AlarmOccurrence", items,
+                          lambda o: [o["_occ"], o["publicId"]])
+
+    def _list(self, request: web.Request, rtype: str, kind: str, items: list[dict[str, Any]], key: Any) -> web.Response:
+        """Filter, then keyset-page on `key` (cursor = opaque base64 of the last key), then select fields."""
+        q = request.query
+        filters = _parse_filters(q["filters"], SCHEMAS[kind]) if "filters" in q else []
+        items = [o for o in items if all(_test(op, _values(o, path.split(".")), args) for op, path, args in filters)]
+        size = self.page_size
+        if "page-size" in q:
+            size = _int(q["page-size"], "page-size")
+            if size < 1:
+                raise ApiError(400, "page-size must be at least 1", "page-size")
+            size = min(size, self.max_page_size)
+        first = 0
+        if "page-after" in q:
+            try:
+                raw = base64.b64decode(q["page-after"], validate=True)
+                if not raw.startswith(CURSOR_PREFIX):
+                    raise ValueError
+                first = bisect.bisect_right([key(o) for o in items], json.loads(raw[len(CURSOR_PREFIX):]))
+            except (binascii.Error, ValueError, TypeError):
+                raise ApiError(400, "Invalid page-after cursor", "page-after") from None
+        page = items[first:first + size]
+        more = None
+        if first + size < len(items):
+            more = base64.b64encode(CURSOR_PREFIX + dumps(key(page[-1])).encode()).decode()
+        return self._ok(rtype, [_select(request, kind, o) for o in page], more)
+
+    async def _h_data(self, request: web.Request, _: Any) -> web.Response:
+        body = await _json(request)
+        if isinstance(body, list):
+            if not body:
+                raise ApiError(400, "At least one data request is required")
+            return self._ok("DataList", [self._data_one(r, i) for i, r in enumerate(body)], status=201)
+        return self._ok("DataList", self._data_one(body, None), status=201)
+
+    def _data_one(self, r: Any, idx: int | None) -> dict[str, Any]:
+        def fail(msg: str, prop: str | None) -> ApiError:
+            return ApiError(400, msg, prop, idx)
+
+        if not isinstance(r, dict):
+            raise fail("A data request must be an object", None)
+        src_ref = r.get("source")
+        src = self.sources.get(src_ref.get("publicId")) if isinstance(src_ref, dict) else None
+        if src is None:
+            raise ApiError(404, "Data source not found", "source.publicId", idx)
+        tzname = r.get("timeZone", "UTC")
+        try:
+            tz = ZoneInfo(tzname)
+        except (TypeError, ValueError, KeyError, OSError):
+            raise fail("Unknown timeZone", "timeZone") from None
+        start, end = _parse_time(r.get("start"), tz), _parse_time(r.get("end"), tz)
+        if start is None or end is None:
+            raise fail("start and end must be ISO 8601 date-times", "start" if start is None else "end")
+        if start >= end:
+            raise fail("end must be after start", "end")
+        a = self.agent_index[src["agent"]["publicId"]]
+        tags = [t for t in self.tags[a] if t.obj["source"]["publicId"] == src["publicId"]]
+        specs = r.get("tags")
+        if not isinstance(specs, list) or not specs:
+            raise fail("tags must be a non-empty list", "tags")
+        points: dict[int, dict[str, Any]] = {}
+        refs: set[str] = set()
+        desc = None
+        for spec in specs:
+            tid, slug = (spec.get("id"), spec.get("slug")) if isinstance(spec, dict) else (None, None)
+            tag = next((t for t in tags if (tid is not None and t.obj["tagId"] == tid and not isinstance(tid, bool))
+                        or (tid is None and slug is not None and t.obj["slug"] == slug)), None)
+            if tag is None:
+                raise fail("Tag not found in this data source", "tags.id" if tid is not None else "tags.slug")
+            if spec.get("preAggr", "raw") != "raw":
+                raise fail("preAggr must be raw", "tags.preAggr")
+            queries = spec.get("queries")
+            if not isinstance(queries, list) or not queries:
+                raise fail("queries must be a non-empty list", "tags.queries")
+            for q in queries:
+                if not isinstance(q, dict):
+                    raise fail("A query must be an object", "tags.queries")
+                ref = q.get("ref")
+                if not isinstance(ref, str) or not ref or ref in refs:
+                    raise fail("ref must be a unique non-empty string", "tags.queries.ref")
+                refs.add(ref)
+                desc = (q.get("order", "asc") == "desc") if desc is None else desc
+                for ms, v in self._query(tag, start, end, q, fail):
+                    points.setdefault(ms, {})[ref] = v
+        rendered = [{"time": _iso(ms, tz, tzname), "values": points[ms]} for ms in sorted(points, reverse=bool(desc))]
+        return {"start": _iso(start, tz, tzname), "end": _iso(end, tz, tzname), "timeZone": tzname,
+                "source": {"publicId": src["publicId"]}, "points": rendered}
+
+    def _query(self, tag: Tag, start: int, end: int, q: dict[str, Any], fail: Any) -> list[tuple[int, Any]]:
+        """One DataList query: window [start, end), aggregation, transform, order, offset/limit."""
+        agg, limit, offset = q.get("postAggr", "raw"), q.get("limit", MAX_LIMIT), q.get("offset", 0)
+        order, decimals, op = q.get("order", "asc"), q.get("decimals"), q.get("operator", "*")
+        factor, step, transform = q.get("factor"), q.get("step"), q.get("postTransform")
+        if agg not in AGGS:
+            raise fail(f"postAggr must be one of {', '.join(sorted(AGGS))}", "tags.queries.postAggr")
+        if not _is_int(limit) or not 1 <= limit <= MAX_LIMIT:
+            raise fail(f"limit must be an integer from 1 to {MAX_LIMIT}", "tags.queries.limit")
+        if not _is_int(offset) or offset < 0:
+            raise fail("offset must be a non-negative integer", "tags.queries.offset")
+        if order not in ("asc", "desc"):
+            raise fail("order must be asc or desc", "tags.queries.order")
+        if decimals is not None and (not _is_int(decimals) or not 0 <= decimals <= 7):
+            raise fail("decimals must be an integer from 0 to 7", "tags.queries.decimals")
+        if op not in ("*", "/", "+", "-") or (factor is not None and not _is_num(factor)):
+            raise fail("factor must be a number and operator one of * / + -", "tags.queries.factor")
+        if transform not in (None, "difference"):
+            raise fail("postTransform must be difference", "tags.queries.postTransform")
+        step_ms = _duration_ms(step) if step is not None else end - start
+        if step_ms is None or step_ms <= 0:
+            raise fail("step must be a positive number of seconds or a duration like 5m", "tags.queries.step")
+        count = self._count(tag)
+        lo = min(count, max(0, -((tag.t0 - start) // tag.step)))
+        hi = min(count, max(0, -((tag.t0 - end) // tag.step)))
+        if q.get("extendedBoundary") is True:
+            lo, hi = max(0, lo - 1), min(count, hi + 1)
+        if agg == "raw" and transform is None:  # the fast path, arithmetic slicing only
+            idx = range(lo, hi) if order == "asc" else range(hi - 1, lo - 1, -1)
+            series = [(tag.t(i), self._value(tag, i)) for i in idx[offset:offset + limit]]
+        else:
+            series = [(tag.t(i), self._value(tag, i)) for i in range(lo, hi)]
+            if agg != "raw":
+                buckets: dict[int, list[Any]] = {}
+                for ms, v in series:
+                    buckets.setdefault(start + (ms - start) // step_ms * step_ms, []).append(v)
+                series = [(ms, _aggregate(agg, vs)) for ms, vs in sorted(buckets.items())]
+            if transform == "difference":
+                series = [(ms, v - p if _is_num(v) and _is_num(p) else None)
+                          for (_, p), (ms, v) in zip(series, series[1:], strict=False)]
+            if order == "desc":
+                series.reverse()
+            series = series[offset:offset + limit]
+        return [(ms, _shape(v, factor, op, decimals)) for ms, v in series]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _mix(*parts: int) -> int:
+    """splitmix64 over the parts: the cheap hash behind float values (ground truth of 200k points stays fast)."""
+    x = 0
+    for p in parts:
+        x = (x ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def _iso(ms: int, tz: Any = UTC, tzname: str = "UTC") -> str:
+    """ISO 8601 in `tz`, milliseconds only when non-zero, `Z` for UTC (as the brief's examples print it)."""
+    dt = (EPOCH + timedelta(milliseconds=ms)).astimezone(tz)
+    frac = f".{ms % 1000:03d}" if ms % 1000 else ""
+    if tzname == "UTC":
+        return dt.strftime("%Y-%m-%dT%H:%M:%S") + frac + "Z"
+    off = dt.strftime("%z")
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + frac + f"{off[:3]}:{off[3:]}"
+
+
+def _parse_time(value: Any, tz: Any) -> int | None:
+    """ISO date-time to epoch ms; a value without offset is read in the request's timeZone."""
+    if not isinstance(value, str):
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=tz)
+    return (dt - EPOCH) // timedelta(milliseconds=1)
+
+
+def _duration_ms(value: Any) -> int | None:
+    if _is_num(value):
+        return int(value * 1000)
+    m = re.fullmatch(r"(\d+)(ms|s|m|h|d|w)", value) if isinstance(value, str) else None
+    units = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+    return int(m[1]) * units[m[2]] if m else None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _int(text: str, prop: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ApiError(400, f"{prop} must be an integer", prop) from None
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read() or b"null")
+    except ValueError:
+        raise ApiError(400, "Request body is not valid JSON") from None
+
+
+def _aggregate(agg: str, values: list[Any]) -> Any:
+    if agg == "count":
+        return len(values)
+    if agg in ("first", "last"):
+        return values[0] if agg == "first" else values[-1]
+    if agg == "mode":
+        return statistics.mode(values)
+    nums = [float(v) for v in values if isinstance(v, int | float)]  # bools count as 0/1, strings drop out
+    if not nums:
+        return None
+    funcs = {"mean": statistics.fmean, "median": statistics.median, "sum": math.fsum, "max": max, "min": min,
+             "spread": lambda xs: max(xs) - min(xs)}
+    return funcs[agg](nums)
+
+
+def _shape(v: Any, factor: Any, op: str, decimals: int | None) -> Any:
+    if not _is_num(v):
+        return v
+    if factor is not None:
+        v = {"*": v * factor, "/": v / factor if factor else None, "+": v + factor, "-": v - factor}[op]
+    return round(v, decimals) if decimals is not None and v is not None else v
+
+
+def _parse_fields(text: str) -> dict[str, Any]:
+    """`a,b.c,d(e,f.g),*` -> nested dict {name: subspec or None}; raises ApiError on bad syntax."""
+    tokens = re.findall(r"[A-Za-z0-9_*]+|[().,]|\S", text)
+    pos = 0
+
+    def parse_list() -> dict[str, Any]:
+        nonlocal pos
+        out: dict[str, Any] = {}
+        while True:
+            path = []
+            while True:
+                if pos >= len(tokens) or not re.fullmatch(r"[A-Za-z0-9_*]+", tokens[pos]):
+                    raise ApiError(400, "Malformed fields parameter", "fields")
+                path.append(tokens[pos])
+                pos += 1
+                if pos < len(tokens) and tokens[pos] == ".":
+                    pos += 1
+                    continue
+                break
+            sub = None
+            if pos < len(tokens) and tokens[pos] == "(":
+                pos += 1
+                sub = parse_list()
+                if pos >= len(tokens) or tokens[pos] != ")":
+                    raise ApiError(400, "Malformed fields parameter", "fields")
+                pos += 1
+            for name in reversed(path[1:]):
+                sub = {name: sub}
+            _merge(out, path[0], sub)
+            if pos < len(tokens) and tokens[pos] == ",":
+                pos += 1
+                continue
+            return out
+
+    result = parse_list()
+    if pos != len(tokens):
+        raise ApiError(400, "Malformed fields parameter", "fields")
+    return result
+
+
+def _merge(out: dict[str, Any], name: str, sub: Any) -> None:
+    if isinstance(out.get(name), dict) and isinstance(sub, dict):
+        for k, v in sub.items():
+            _merge(out[name], k, v)
+    elif sub is not None or name not in out:
+        out[name] = sub
+
+
+def _check(spec: dict[str, Any], schema: dict[str, Any], path: str = "") -> None:
+    for name, sub in spec.items():
+        if name == "*" and sub is None:
+            continue
+        if name not in schema or (sub is not None and schema[name] is None):
+            raise ApiError(400, f"Unknown field {path}{name}", "fields")
+        if sub is not None:
+            _check(sub, schema[name], f"{path}{name}.")
+
+
+def _select(request: web.Request, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """Render `obj` with the request's `fields` (or the type's default subset); publicId always comes back."""
+    schema = SCHEMAS[kind]
+    spec = _parse_fields(request.query.get("fields") or DEFAULTS[kind])
+    _check(spec, schema)
+    return _project(obj, spec, schema)
+
+
+def _project(obj: Any, spec: dict[str, Any] | None, schema: dict[str, Any]) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, list):
+        return [_project(o, spec, schema) for o in obj]
+    if spec is None:  # a nested object asked for by name only: its reference (publicId, name)
+        spec = {k: None for k in schema if k in ("publicId", "name")} or dict.fromkeys(schema)
+    keys = list(schema) if "*" in spec else list(spec)
+    out = {"publicId": obj.get("publicId")} if "publicId" in schema else {}
+    for k in keys:
+        if k != "*":
+            out[k] = obj.get(k) if schema[k] is None else _project(obj.get(k), spec.get(k), schema[k])
+    return out
+
+
+def _parse_filters(text: str, schema: dict[str, Any]) -> list[tuple[str, str, list[Any]]]:
+    """`eq(a.b,"x"),in(c,"y","z")` -> [(op, path, args)], all AND-ed; unknown op or field -> 400."""
+    tok = re.compile(r'\s*(?:("(?:[^"\\]|\\.)*")|(-?\d+(?:\.\d+)?)(?![\w.])|([A-Za-z_][\w.]*)|([(),]))')
+    items, pos, out = [], 0, []
+    while pos < len(text):
+        m = tok.match(text, pos)
+        if not m or m.end() == pos:
+            raise ApiError(400, "Malformed filters parameter", "filters")
+        items.append(m.groups())
+        pos = m.end()
+    i = 0
+    while i < len(items):
+        name, lp = items[i][2], items[i + 1][3] if i + 1 < len(items) else None
+        op = ALIASES.get(name or "", name)
+        if op not in OPS or lp != "(" or i + 2 >= len(items) or not items[i + 2][2]:
+            raise ApiError(400, "Malformed filters parameter", "filters")
+        path, args, i = items[i + 2][2], [], i + 3
+        node = schema
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ApiError(400, f"Unknown filter field {path}", "filters")
+            node = node[part]
+        while i < len(items) and items[i][3] == ",":
+            s, n, word, _ = items[i + 1] if i + 1 < len(items) else (None, None, None, None)
+            if s is not None:
+                args.append(json.loads(s))
+            elif n is not None:
+                args.append(float(n) if "." in n else int(n))
+            elif word in ("true", "false", "null"):
+                args.append({"true": True, "false": False, "null": None}[word])
+            else:
+                raise ApiError(400, "Malformed filters parameter", "filters")
+            i += 2
+        if i >= len(items) or items[i][3] != ")":
+            raise ApiError(400, "Malformed filters parameter", "filters")
+        out.append((op, path, args))
+        i += 1
+        if i < len(items):
+            if items[i][3] != ",":
+                raise ApiError(400, "Malformed filters parameter", "filters")
+            i += 1
+    return out
+
+
+def _values(obj: Any, parts: list[str]) -> list[Any]:
+    if isinstance(obj, list):
+        return [v for o in obj for v in _values(o, parts)]
+    if not parts:
+        return [obj]
+    return _values(obj.get(parts[0]), parts[1:]) if isinstance(obj, dict) else [None]
+
+
+def _norm(a: Any, b: Any) -> tuple[Any, Any]:
+    """Comparable pair: date-times by instant, numbers numerically, anything else as text."""
+    if isinstance(a, str) and isinstance(b, str) and re.match(r"\d{4}-\d\d-\d\dT", a) and re.match(r"\d{4}-\d\d-\d\dT", b):
+        ta, tb = _parse_time(a, UTC), _parse_time(b, UTC)
+        if ta is not None and tb is not None:
+            return ta, tb
+    if _is_num(a) and _is_num(b):
+        return a, b
+    return (a, b) if type(a) is type(b) else (str(a), str(b))
+
+
+def _test(op: str, values: list[Any], args: list[Any]) -> bool:
+    if op in ("isnull", "isnotnull"):
+        return any(v is None for v in values) == (op == "isnull")
+    if op == "ni":
+        return not _test("in", values, args)
+    if op == "ne":
+        return not _test("eq", values, args)
+    for v in values:
+        if v is None or not args:
+            continue
+        pairs = [_norm(v, arg) for arg in args]
+        x, y = pairs[0]
+        if op == "eq" and x == y or op == "in" and any(p == q for p, q in pairs):
+            return True
+        if op == "contains" and isinstance(x, str) and str(y) in x:
+            return True
+        try:
+            if (op == "lt" and x < y or op == "lte" and x <= y or op == "gt" and x > y or op == "gte" and x >= y
+                    or op == "between" and len(pairs) == 2 and x >= y and pairs[1][0] <= pairs[1][1]):
+                return True
+        except TypeError:
+            continue
+    return False

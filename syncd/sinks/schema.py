@@ -1,0 +1,140 @@
+"""ClickHouse DDL as versioned, idempotent migrations (single server, embedded engine, or cluster)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+def migrations(database: str, cluster: str = "", ttl: str = "") -> list[Migration]:
+    """Every migration in order. With `cluster`, tables are Replicated with a Distributed front."""
+    on = f" ON CLUSTER `{cluster}`" if cluster else ""
+    db = f"`{database}`"
+
+    def engine(kind: str, args: str = "") -> str:
+        if not cluster:
+            return f"{kind}({args})"
+        path = f"'/clickhouse/tables/{{shard}}/{database}/{{table}}', '{{replica}}'"
+        return f"Replicated{kind}({path}{', ' + args if args else ''})"
+
+    def table(name: str) -> str:
+        return f"{db}.`{name}_local`" if cluster else f"{db}.`{name}`"
+
+    def distributed(name: str, key: str) -> tuple[str, ...]:
+        if not cluster:
+            return ()
+        return (
+            f"CREATE TABLE IF NOT EXISTS {db}.`{name}`{on} AS {table(name)} "
+            f"ENGINE = Distributed(`{cluster}`, {database}, `{name}_local`, {key})",
+        )
+
+    # Dedup of retried inserts by insert_deduplication_token: replicated tables do it by default,
+    # single servers and the embedded engine only with a window set.
+    dedup = "" if cluster else ", non_replicated_deduplication_window = 10000"
+    ttl_clause = f" TTL toDateTime(ts) + INTERVAL {ttl}" if ttl else ""
+
+    return [
+        Migration(1, "events", (
+            f"CREATE DATABASE IF NOT EXISTS {db}{on}",
+            f"""CREATE TABLE IF NOT EXISTS {table('events')}{on} (
+    event_id UInt64,
+    source LowCardinality(String),
+    vendor LowCardinality(String),
+    kind LowCardinality(String),
+    tenant String,
+    device String,
+    metric String,
+    ts DateTime64(3, 'UTC') CODEC(Delta, ZSTD),
+    value Nullable(Float64) CODEC(Gorilla, ZSTD),
+    text Nullable(String),
+    attrs Map(LowCardinality(String), String),
+    ingested_at DateTime64(3, 'UTC') CODEC(Delta, ZSTD)
+) ENGINE = {engine('ReplacingMergeTree', 'ingested_at')}
+PARTITION BY toYYYYMM(ts)
+ORDER BY (vendor, tenant, device, metric, kind, ts){ttl_clause}
+SETTINGS index_granularity = 8192{dedup}""",
+            *distributed("events", "cityHash64(vendor, tenant, device)"),
+        )),
+        Migration(2, "latest", (
+            f"""CREATE TABLE IF NOT EXISTS {table('latest')}{on} (
+    vendor LowCardinality(String),
+    tenant String,
+    device String,
+    metric String,
+    kind LowCardinality(String),
+    source LowCardinality(String),
+    ts DateTime64(3, 'UTC'),
+    value Nullable(Float64),
+    text Nullable(String),
+    attrs Map(LowCardinality(String), String)
+) ENGINE = {engine('ReplacingMergeTree', 'ts')}
+ORDER BY (vendor, tenant, device, metric, kind)""",
+            *distributed("latest", "cityHash64(vendor, tenant, device)"),
+            # Fed by every insert into events, so "current state" needs no second write path.
+            f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.`latest_mv`{on} TO {table('latest')} AS
+SELECT vendor, tenant, device, metric, kind, source, ts, value, text, attrs FROM {table('events')}""",
+        )),
+        Migration(3, "dead_letter", (
+            f"""CREATE TABLE IF NOT EXISTS {table('dead_letter')}{on} (
+    at DateTime64(3, 'UTC'),
+    source LowCardinality(String),
+    vendor LowCardinality(String),
+    stream String,
+    reason String,
+    payload String
+) ENGINE = {engine('MergeTree')}
+PARTITION BY toYYYYMM(at)
+ORDER BY (source, stream, at)
+SETTINGS index_granularity = 8192{dedup}""",
+            *distributed("dead_letter", "rand()"),
+        )),
+        Migration(4, "sync_status", (
+            f"""CREATE TABLE IF NOT EXISTS {table('sync_status')}{on} (
+    source LowCardinality(String),
+    vendor LowCardinality(String),
+    stream String,
+    kind LowCardinality(String),
+    instance LowCardinality(String),
+    ok UInt8,
+    cursor String,
+    events UInt64,
+    pages UInt32,
+    duration_s Float64,
+    lag_s Nullable(Float64),
+    error String,
+    last_success Nullable(DateTime64(3, 'UTC')),
+    updated_at DateTime64(3, 'UTC')
+) ENGINE = {engine('ReplacingMergeTree', 'updated_at')}
+ORDER BY (source, stream)
+SETTINGS index_granularity = 8192{dedup}""",
+            *distributed("sync_status", "cityHash64(source)"),
+        )),
+    ]
+
+
+def migrations_table(database: str, cluster: str = "") -> str:
+    on = f" ON CLUSTER `{cluster}`" if cluster else ""
+    engine = "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/%s/schema_migrations', '{replica}', applied_at)" % (
+        database) if cluster else "ReplacingMergeTree(applied_at)"
+    return (f"CREATE TABLE IF NOT EXISTS `{database}`.`schema_migrations`{on} "
+            f"(version UInt32, name String, applied_at DateTime64(3, 'UTC')) ENGINE = {engine} ORDER BY version")
+
+
+def ddl_script(database: str, cluster: str = "", ttl: str = "") -> str:
+    """Everything as one SQL script, for `syncd schema` and deploy/clickhouse."""
+    out = [f"-- syncd schema for database `{database}`" + (f" on cluster `{cluster}`" if cluster else "")]
+    first = True
+    for m in migrations(database, cluster, ttl):
+        out.append(f"\n-- migration {m.version}: {m.name}")
+        for stmt in m.statements:
+            out.append(stmt + ";")
+        if first:
+            out.append(migrations_table(database, cluster) + ";")
+            first = False
+    return "\n".join(out) + "\n"

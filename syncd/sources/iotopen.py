@@ -1,0 +1,220 @@
+"""IoT Open Lynx: installations → FunctionX topics; `status` (latest values) and v3 `log` (history).
+
+Brief: shared/vendors/iotopen.md. Assumptions live in the constants below.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from syncd.errors import VendorAuthError
+from syncd.events import seconds_to_ms
+from syncd.settings import IotOpenSource as IotOpenConfig
+from syncd.settings import start_ms
+from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter
+
+# Values need ~5 s to show up after publishing [S]; read the log only up to now minus this.
+PROPAGATION_LAG_S = 10
+PAGE_SIZE = 10_000  # the v3 log default; no maximum documented [S]
+
+
+class LynxValue(BaseModel):
+    """A Status / v3 log entry [S §2]."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    installation_id: int
+    client_id: int | float | None = None
+    timestamp: float
+    topic: str
+    value: float | None = None
+    msg: str | None = None
+
+
+class Installation(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    name: str = ""
+    client_id: int | None = None
+    organization_id: int | float | None = None
+
+
+class FunctionX(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    type: str = ""
+    meta: dict[str, Any] = {}
+
+
+class IotOpenSource(Source):
+    vendor = "iotopen"
+    default_streams = ("status", "log")
+    default_rate = 10.0  # none documented [A]; conservative
+    default_burst = 20
+
+    config: IotOpenConfig
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.token: str | None = self.config.api_key.get_secret_value() if self.config.api_key else None
+        self.installations: dict[str, Installation] = {}
+        self.functions: dict[str, dict[str, FunctionX]] = {}  # installation → topic → function
+
+    # -- auth ---------------------------------------------------------------------------------------
+
+    async def login(self) -> None:
+        if self.token is None:
+            await self._password_login()
+
+    async def relogin(self) -> bool:
+        if not (self.config.username and self.config.password):
+            return False
+        await self._password_login()
+        return True
+
+    async def _password_login(self) -> None:
+        assert self.config.username and self.config.password
+        pair = f"{self.config.username}:{self.config.password.get_secret_value()}".encode()
+        resp = await self.client.request(
+            "POST", f"{self.config.base_url}/api/v2/auth",
+            headers={"Authorization": "Basic " + base64.b64encode(pair).decode(), "Accept": "application/json"},
+        )
+        body = resp.json()
+        if not isinstance(body, dict) or not body.get("token"):
+            raise VendorAuthError("login answered without a token", status=resp.status, url=resp.url)
+        if body.get("nextstep") or body.get("next_step"):
+            raise VendorAuthError(
+                f"user {self.config.username!r} has SMS two-factor login; a daemon cannot answer it — "
+                "configure an api_key instead", status=resp.status, url=resp.url,
+            )
+        self.token = str(body["token"])
+
+    def _headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.token or "", "Accept": "application/json"}
+
+    async def _get(self, path: str, params: Any = None) -> Any:
+        resp = await self.client.request("GET", f"{self.config.base_url}{path}", headers=self._headers(), params=params)
+        return resp.json()
+
+    # -- inventory ----------------------------------------------------------------------------------
+
+    async def discover(self) -> list[Stream]:
+        # assigned defaults to true, which hides installations not assigned to this user [S].
+        raw = await self._get("/api/v2/installationinfo", {"assigned": "false"})
+        self.installations = {str(i.id): i for i in (Installation.model_validate(r) for r in raw)}
+        streams = []
+        for inst_id in self.installations:
+            await self._load_functions(inst_id)
+            for kind in self.enabled_kinds:
+                streams.append(Stream(f"{kind}/{inst_id}", kind, inst_id))
+        return streams
+
+    async def _load_functions(self, inst_id: str) -> None:
+        by_topic: dict[str, FunctionX] = {}
+        for raw in await self._get(f"/api/v2/functionx/{inst_id}"):
+            try:
+                fn = FunctionX.model_validate(raw)
+            except ValidationError:
+                continue  # a function we cannot read only loses enrichment, never data
+            topic = fn.meta.get("topic_read")
+            if isinstance(topic, str) and topic:
+                by_topic[topic] = fn
+        self.functions[inst_id] = by_topic
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    async def fetch(self, stream: Stream, cursor: Any) -> Page:
+        if stream.tenant not in self.functions:
+            await self._load_functions(stream.tenant)
+        if stream.kind == "status":
+            return await self._fetch_status(stream, cursor or {})
+        return await self._fetch_log(stream, cursor)
+
+    async def _fetch_status(self, stream: Stream, seen: dict[str, int]) -> Page:
+        """Latest values; only values whose timestamp moved are emitted (the cursor remembers each topic's)."""
+        raw = await self._get(f"/api/v2/status/{stream.tenant}")
+        events, dead, cursor = [], [], dict(seen)
+        for record in raw if isinstance(raw, list) else []:
+            try:
+                item = LynxValue.model_validate(record)
+            except ValidationError as err:
+                dead.append(dead_letter(record, err))
+                continue
+            ts_ms = seconds_to_ms(item.timestamp)
+            if cursor.get(item.topic) == ts_ms:
+                continue
+            cursor[item.topic] = ts_ms
+            events.append(self._event("status", stream.tenant, item, ts_ms))
+        if not isinstance(raw, list):
+            dead.append(DeadLetter("status response is not a JSON array", str(raw)[:2000]))
+        return Page(events, cursor, done=True, dead=dead, lag_s=0.0)
+
+    async def _fetch_log(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
+        """v3 log, oldest first, `to` pinned while paging; the boundary second is re-read and filtered."""
+        now_s = self.clock()
+        if cursor is None:
+            cursor = {"from": start_ms(self.config.start, int(now_s * 1000)) // 1000, "to": None, "offset": 0,
+                      "max_ms": None, "edge": []}
+        frm, offset = int(cursor["from"]), int(cursor["offset"])
+        to = cursor["to"] if cursor["to"] is not None else int(now_s - PROPAGATION_LAG_S)
+        if to <= frm:
+            return Page([], cursor, done=True, lag_s=max(0.0, now_s - frm))
+        limit = self.config.page_size or PAGE_SIZE
+        body = await self._get(
+            f"/api/v3beta/log/{stream.tenant}",
+            {"from": frm, "to": to, "order": "asc", "limit": limit, "offset": offset},
+        )
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            return Page([], cursor, done=True, dead=[DeadLetter("log page without a data array", str(body)[:2000])])
+        max_ms, edge = cursor["max_ms"], set(cursor["edge"])
+        new_max, new_edge = max_ms, set(edge)
+        events, dead = [], []
+        for record in data:
+            try:
+                item = LynxValue.model_validate(record)
+            except ValidationError as err:
+                dead.append(dead_letter(record, err))
+                continue
+            ts_ms = seconds_to_ms(item.timestamp)
+            key = f"{item.topic}@{ts_ms}"
+            if max_ms is not None and (ts_ms < max_ms or (ts_ms == max_ms and key in edge)):
+                continue  # read by an earlier run (the re-read boundary second)
+            events.append(self._event("log", stream.tenant, item, ts_ms))
+            if new_max is None or ts_ms > new_max:
+                new_max, new_edge = ts_ms, {key}
+            elif ts_ms == new_max:
+                new_edge.add(key)
+        count = len(data)
+        total = int(body.get("total", 0) or 0)
+        if count == 0 or offset + count >= total:
+            next_from = new_max // 1000 if new_max is not None else frm
+            nxt = {"from": next_from, "to": None, "offset": 0, "max_ms": new_max, "edge": sorted(new_edge)}
+            lag = max(0.0, now_s - new_max / 1000) if new_max is not None else 0.0
+            return Page(events, nxt, done=True, dead=dead, lag_s=lag)
+        nxt = {"from": frm, "to": to, "offset": offset + count, "max_ms": new_max, "edge": sorted(new_edge)}
+        lag = max(0.0, now_s - new_max / 1000) if new_max is not None else now_s - frm
+        return Page(events, nxt, done=False, dead=dead, lag_s=lag)
+
+    def _event(self, kind: str, tenant: str, item: LynxValue, ts_ms: int) -> Any:
+        fn = self.functions.get(tenant, {}).get(item.topic)
+        inst = self.installations.get(tenant)
+        attrs: dict[str, str] = {}
+        if item.client_id is not None:
+            attrs["client_id"] = str(int(item.client_id))
+        if inst is not None and inst.organization_id is not None:
+            attrs["organization_id"] = str(int(inst.organization_id))
+        if fn is not None:
+            device = str(fn.id)
+            attrs["function_type"] = fn.type
+            for key in ("name", "unit", "device_id"):
+                if fn.meta.get(key) not in (None, ""):
+                    attrs[key] = str(fn.meta[key])
+        else:
+            device = attrs.get("client_id", "")
+        return self.event(kind, tenant, device, item.topic, ts_ms, item.value, item.msg or None, attrs)

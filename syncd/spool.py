@@ -1,0 +1,207 @@
+"""The write-ahead spool: cursors and undelivered pages in one SQLite file (WAL, synchronous=FULL).
+
+A page's events and its stream's next cursor commit in one transaction, so a cursor never runs
+ahead of data that is safe on disk. Each sink drains pages in id order; a sink's in-flight range
+is recorded before it is written so a retry after a crash sends the same range with the same
+deduplication token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import orjson
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cursors (
+    source TEXT NOT NULL, stream TEXT NOT NULL, cursor TEXT NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (source, stream));
+CREATE TABLE IF NOT EXISTS pages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, rows INTEGER NOT NULL,
+    bytes INTEGER NOT NULL, source TEXT NOT NULL, stream TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sinks (
+    name TEXT PRIMARY KEY, delivered INTEGER NOT NULL, inflight_first INTEGER, inflight_last INTEGER,
+    dropped_rows INTEGER NOT NULL DEFAULT 0);
+"""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A contiguous range of pages for one sink; `token` is stable across retries of the same range."""
+
+    sink: str
+    first: int
+    last: int
+    token: str
+    pages: list[dict[str, Any]]
+
+    @property
+    def rows(self) -> int:
+        return sum(len(p.get("e", ())) for p in self.pages)
+
+
+class Spool:
+    """Synchronous SQLite access; call it from async code through `run` (one worker thread, one connection)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+        if row is None:
+            self.epoch = uuid.uuid4().hex[:12]
+            self._db.execute("INSERT INTO meta VALUES ('epoch', ?)", (self.epoch,))
+        else:
+            self.epoch = row[0]
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-spool")
+        self.pending_bytes = int(self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM pages").fetchone()[0])
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a spool method on the spool's own thread (SQLite fsyncs must not block the event loop)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._db.close()
+
+    # -- cursors and pages ------------------------------------------------------------------------
+
+    def get_cursor(self, source: str, stream: str) -> Any:
+        row = self._db.execute("SELECT cursor FROM cursors WHERE source=? AND stream=?", (source, stream)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def cursors(self) -> dict[tuple[str, str], Any]:
+        return {(s, t): orjson.loads(c) for s, t, c in self._db.execute("SELECT source, stream, cursor FROM cursors")}
+
+    def commit_page(self, source: str, stream: str, payload: dict[str, Any], cursor: Any) -> int | None:
+        """Store a page (events `e`, dead letters `d`, stream status `s`) and the stream's cursor atomically."""
+        page_id = None
+        with self._tx():
+            if any(payload.get(k) for k in ("e", "d", "s")):
+                data = orjson.dumps(payload)
+                rows = len(payload.get("e", ()))
+                cur = self._db.execute(
+                    "INSERT INTO pages (created, rows, bytes, source, stream, data) VALUES (?,?,?,?,?,?)",
+                    (time.time(), rows, len(data), source, stream, data),
+                )
+                page_id = cur.lastrowid
+                self.pending_bytes += len(data)
+            if cursor is not None:
+                self._db.execute(
+                    "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(source, stream) DO UPDATE "
+                    "SET cursor=excluded.cursor, updated=excluded.updated",
+                    (source, stream, orjson.dumps(cursor).decode(), time.time()),
+                )
+        return page_id
+
+    # -- sinks ------------------------------------------------------------------------------------
+
+    def register_sinks(self, names: list[str]) -> None:
+        """Keep a delivery position per enabled sink; a sink no longer configured stops holding pages."""
+        with self._tx():
+            for name in names:
+                self._db.execute("INSERT OR IGNORE INTO sinks (name, delivered) VALUES (?, 0)", (name,))
+            marks = ",".join("?" for _ in names) or "''"
+            self._db.execute(f"DELETE FROM sinks WHERE name NOT IN ({marks})", names)
+            self._collect()
+
+    def backlog(self, sink: str) -> tuple[int, float | None]:
+        """(rows waiting, age in seconds of the oldest waiting page) for one sink."""
+        delivered = self._delivered(sink)
+        rows, oldest = self._db.execute(
+            "SELECT COALESCE(SUM(rows), 0), MIN(created) FROM pages WHERE id > ?", (delivered,)
+        ).fetchone()
+        return int(rows), (time.time() - oldest) if oldest is not None else None
+
+    def pages_waiting(self, sink: str) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM pages WHERE id > ?", (self._delivered(sink),)).fetchone()[0])
+
+    def next_batch(self, sink: str, max_rows: int) -> Batch | None:
+        """The sink's in-flight range if one is recorded, else the next pages up to `max_rows` rows."""
+        delivered, first, last = self._db.execute(
+            "SELECT delivered, inflight_first, inflight_last FROM sinks WHERE name=?", (sink,)
+        ).fetchone()
+        if first is None:
+            total, first, last = 0, None, None
+            for page_id, rows in self._db.execute("SELECT id, rows FROM pages WHERE id > ? ORDER BY id", (delivered,)):
+                if first is not None and total + rows > max_rows:
+                    break
+                first = page_id if first is None else first
+                last, total = page_id, total + rows
+            if first is None:
+                return None
+            with self._tx():
+                self._db.execute("UPDATE sinks SET inflight_first=?, inflight_last=? WHERE name=?", (first, last, sink))
+        pages = [orjson.loads(d) for (d,) in self._db.execute(
+            "SELECT data FROM pages WHERE id BETWEEN ? AND ? ORDER BY id", (first, last))]
+        return Batch(sink, first, last, f"{self.epoch}-{sink}-{first}-{last}", pages)
+
+    def ack(self, batch: Batch) -> None:
+        """The sink has every page of the batch: advance it and delete pages every sink has."""
+        with self._tx():
+            self._db.execute(
+                "UPDATE sinks SET delivered=?, inflight_first=NULL, inflight_last=NULL WHERE name=?",
+                (batch.last, batch.sink),
+            )
+            self._collect()
+
+    def drop_oldest(self, sink: str) -> int:
+        """Give up the sink's oldest undelivered page (on_full=drop_oldest); returns the rows dropped."""
+        delivered = self._delivered(sink)
+        row = self._db.execute("SELECT id, rows FROM pages WHERE id > ? ORDER BY id LIMIT 1", (delivered,)).fetchone()
+        if row is None:
+            return 0
+        with self._tx():
+            self._db.execute(
+                "UPDATE sinks SET delivered=?, inflight_first=NULL, inflight_last=NULL, "
+                "dropped_rows=dropped_rows+? WHERE name=?",
+                (row[0], row[1], sink),
+            )
+            self._collect()
+        return int(row[1])
+
+    def laggard(self) -> str | None:
+        row = self._db.execute("SELECT name FROM sinks ORDER BY delivered LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def _delivered(self, sink: str) -> int:
+        return int(self._db.execute("SELECT delivered FROM sinks WHERE name=?", (sink,)).fetchone()[0])
+
+    def _collect(self) -> None:
+        (low,) = self._db.execute("SELECT MIN(delivered) FROM sinks").fetchone()
+        if low is None:
+            return
+        (freed,) = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM pages WHERE id <= ?", (low,)).fetchone()
+        if freed:
+            self._db.execute("DELETE FROM pages WHERE id <= ?", (low,))
+            self.pending_bytes -= int(freed)
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
