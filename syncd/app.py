@@ -96,7 +96,8 @@ class Daemon:
         await self.discover_all()
         jobs = [self.syncer.run_stream(src, stream) for src, st in self.syncer.sources.items() for stream in st.streams]
         states = await asyncio.gather(*jobs)
-        failed = {name: st.failed for name, st in self.syncer.sources.items() if st.failed}
+        failed = {name: st.failed or st.discovery_error for name, st in self.syncer.sources.items()
+                  if st.failed or st.discovery_error}
         for state in states:
             if state.failing and state.source not in failed:
                 failed[state.source] = f"stream {state.stream}: {state.error}"

@@ -59,10 +59,10 @@ class TokenBucket:
                     await self.sleep(self.blocked_until - now)
                     continue
                 self._refill(now)
-                if self.tokens >= 1.0:
-                    self.tokens -= 1.0
+                if self.tokens >= 1.0 - 1e-9:  # tolerance: float refill may land a hair under 1
+                    self.tokens = max(0.0, self.tokens - 1.0)
                     return
-                await self.sleep((1.0 - self.tokens) / self.rate)
+                await self.sleep(max((1.0 - self.tokens) / self.rate, 1e-6))
 
     def _refill(self, now: float) -> None:
         self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
@@ -101,8 +101,11 @@ class Response:
     headers: Mapping[str, str]
     body: bytes
     url: str
+    data: Any = None  # the parsed body when the request asked for JSON
 
     def json(self) -> Any:
+        if self.data is not None:
+            return self.data
         try:
             return orjson.loads(self.body)
         except orjson.JSONDecodeError as err:
@@ -162,12 +165,16 @@ class VendorClient:
 
     async def request(
         self, method: str, url: str, *, headers: Mapping[str, str] | None = None, params: Any = None,
-        json: Any = None, data: bytes | str | None = None,
+        json: Any = None, data: bytes | str | None = None, expect_json: bool = False,
     ) -> Response:
+        """Send with retries; with `expect_json` a body that does not parse (truncated) is retried too."""
         transient = limited = 0
         while True:
             try:
-                return await self._once(method, url, headers=headers, params=params, json=json, data=data)
+                resp = await self._once(method, url, headers=headers, params=params, json=json, data=data)
+                if expect_json:
+                    resp.data = resp.json()
+                return resp
             except RateLimited as err:
                 limited += 1
                 if limited >= self.retry.rate_limited_attempts:

@@ -45,6 +45,7 @@ class SourceState:
     source: Source
     streams: dict[str, Stream] = field(default_factory=dict)
     failed: str = ""  # non-empty: the source is stopped, with the reason
+    discovery_error: str = ""  # the last discovery failure, cleared by a successful one
 
 
 def in_shard(source: str, tenant: str, shard: tuple[int, int]) -> bool:
@@ -86,7 +87,9 @@ class Syncer:
         except (Transient, Terminal) as err:
             log.warning("source.discovery_failed", source=name, error=str(err))
             self.metrics.inc("syncd_discovery_errors_total", source=name)
+            st.discovery_error = f"discovery: {err}"
             return list(st.streams.values())
+        st.discovery_error = ""
         mine = [s for s in streams if in_shard(name, s.tenant, self.shard)]
         for s in mine:
             st.streams[s.name] = s

@@ -215,7 +215,8 @@ def test_rate_limit_can_be_disabled() -> None:
 
 
 def test_faults(sim: NavixySim) -> None:
-    sim.faults.update({"storm_429": 1})
+    status, switches, _ = call(sim, "POST", "/_sim/faults", {"storm_429": 1}, key=None)  # the control plane
+    assert status == 200 and switches["storm_429"] == 1
     assert_fail(call(sim, "GET", "/v2/iot/logic/flow/list"), 429, 15)
     sim.faults.update({"error_5xx": 2})
     assert_fail(call(sim, "GET", "/v2/iot/logic/flow/list"), 503, 8)
@@ -260,15 +261,17 @@ def flatten(prefix: str, v: Any) -> Iterator[tuple[str, float | None, str | None
         yield prefix, None, v
 
 
-async def collect(url: str, until: asyncio.Event, got: list[aiomqtt.Message], ready: asyncio.Event) -> None:
+async def collect(url: str, got: list[aiomqtt.Message], ready: asyncio.Event, mirrored: asyncio.Event,
+                  want: int) -> None:
+    """Subscribe to everything; set `mirrored` once `want` messages arrived on the mirror topic."""
     u = urlsplit(url)
     async with aiomqtt.Client(u.hostname or "", u.port or 1883) as client:
         await client.subscribe("#", qos=1)
         ready.set()
         async for msg in client.messages:
             got.append(msg)
-            if until.is_set():
-                return
+            if sum(m.topic.value.endswith("-mirror") for m in got) >= want:
+                mirrored.set()
 
 
 async def received_truth(sim: NavixySim, got: list[aiomqtt.Message]) -> set[tuple[Any, ...]]:
@@ -283,7 +286,8 @@ async def received_truth(sim: NavixySim, got: list[aiomqtt.Message]) -> set[tupl
         ts = calendar.timegm(time.strptime(ngp["message_time"], "%Y-%m-%dT%H:%M:%SZ")) * 1000
         device = by_imei.get(ngp["device_id"], ngp["device_id"])
         body = {k: v for k, v in ngp.items() if k not in ("device_id", "message_time", "version", "event_id")}
-        rows |= {("navixy", "telemetry", tenant, device, metric, ts, val, text) for metric, val, text in flatten("", body)}
+        rows |= {("navixy", "telemetry", tenant, device, metric, ts, val, text)
+                 for metric, val, text in flatten("", body)}
     return rows
 
 
@@ -291,17 +295,15 @@ async def test_publish_reaches_mqtt_topics_and_truth_matches(mosquitto: Any) -> 
     sim = NavixySim(seed=4, clock=FakeClock(), mqtt_url=mosquitto.url)
     runners = await start_sims([sim])
     got: list[aiomqtt.Message] = []
-    done, ready = asyncio.Event(), asyncio.Event()
-    sub = asyncio.create_task(collect(mosquitto.url, done, got, ready))
+    ready, mirrored = asyncio.Event(), asyncio.Event()
+    sub = asyncio.create_task(collect(mosquitto.url, got, ready, mirrored, want=15))
     try:
         await asyncio.wait_for(ready.wait(), 5)
         await sim.publish(12)
         sim.clock.t += 5  # type: ignore[attr-defined]
         await sim.publish(3)
-        deadline = time.monotonic() + 3
-        while len(got) < 30 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(mirrored.wait(), 5)
+        await asyncio.sleep(0.1)  # stragglers on the other topic
         topics = {m.topic.value for m in got}
         assert topics == {"fleet/navixy/ngp", "fleet/navixy/ngp-mirror"}  # never the disabled flow's topic
         assert len(got) >= 30  # 15 messages x 2 topics (+ QoS 1 repeats)
@@ -321,18 +323,23 @@ async def test_publish_reaches_mqtt_topics_and_truth_matches(mosquitto: Any) -> 
         assert not any(m.startswith("mobile_cells") for m in metrics)
         assert sim.orphan in {r[3] for r in truth}
     finally:
-        done.set()
         sub.cancel()
         for r in runners:
             await r.cleanup()
 
 
 async def test_live_publishing_and_endpoint_status(mosquitto: Any) -> None:
-    sim = NavixySim(seed=2, live=True, mqtt_url=mosquitto.url)
-    await sim.start_publishing(40)
+    sim = NavixySim(seed=2, live=True, mqtt_url=mosquitto.url, publish_rate=40)
+    runners = await start_sims([sim])  # serving a live sim starts the stream
     await asyncio.sleep(0.4)
+    for r in runners:
+        await r.cleanup()
+    assert sim._task is None and sim.ground_truth() and sim.endpoint_status(1723) == "active"
+    count = len(sim.ground_truth())
+    await sim.start_publishing(40)
+    await asyncio.sleep(0.2)
     await sim.stop_publishing()
-    assert sim.ground_truth() and sim.endpoint_status(1723) == "active"
+    assert len(sim.ground_truth()) > count
     dead = NavixySim(mqtt_url="mqtt://127.0.0.1:1")
     with pytest.raises(aiomqtt.MqttError):
         await dead.publish(1)

@@ -109,26 +109,16 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.Response(text=body, status=status, headers=headers, content_type="application/json")
 
 
-def _number(raw: str | None, default: float, name: str) -> float:
+def _param(query: Any, name: str, default: Any, cast: Any = float, minimum: float | None = None) -> Any:
+    """A numeric query parameter; anything unparsable or out of range is a 400 MessageResponse."""
+    raw = query.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = float(raw)
+        value = cast(raw)
     except ValueError:
         raise ApiError(400, f"invalid value for '{name}'") from None
-    if not math.isfinite(value):
-        raise ApiError(400, f"invalid value for '{name}'")
-    return value
-
-
-def _int(raw: str | None, default: int, name: str, minimum: int) -> int:
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"invalid value for '{name}'") from None
-    if value < minimum:
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
         raise ApiError(400, f"invalid value for '{name}'")
     return value
 
@@ -442,10 +432,10 @@ class IotOpenSim(VendorSim):
         raise ApiError(403, "Forbidden")
 
     async def _h_installation(self, request: web.Request) -> web.Response:
-        token = self._auth(request)
+        self._auth(request)
         out = [{"id": i["id"], "name": i["name"], "client_id": i["client_id"], "created": i["created"],
                 "organization_id": i["organization_id"], "notes": i["notes"],
-                "users": [1] if i["assigned"] and token.user == self.username else [],
+                "users": [1] if i["assigned"] else [],  # user 1 owns the keys; every sim user sees the same
                 "meta": {"address": f"Storgatan {i['id']}", "customer_ref": f"C-{i['client_id']}"}}
                for i in self.insts]
         return _json(_meta_filter(out, request.query))
@@ -502,9 +492,9 @@ class IotOpenSim(VendorSim):
     async def _window(self, request: web.Request, comma_lists: bool) -> tuple[int, list[Topic], int, int]:
         i = self._inst(request)
         now = self.clock()
-        q = request.query
-        from_ms = math.ceil(round(_number(q.get("from"), now - DAY, "from") * 1000, 3))
-        to_ms = math.floor(round(_number(q.get("to"), now, "to") * 1000, 3))
+        q = request.query  # from/to are numbers: integer seconds per [S], fractional from the TS client [C2]
+        from_ms = math.ceil(round(_param(q, "from", now - DAY) * 1000, 3))
+        to_ms = math.floor(round(_param(q, "to", now) * 1000, 3))
         if request.method == "POST":
             wanted = await self._topics_body(request)
         else:
@@ -515,8 +505,8 @@ class IotOpenSim(VendorSim):
     async def _h_log_v3(self, request: web.Request) -> web.Response:
         self._auth(request)
         q = request.query
-        limit = _int(q.get("limit"), DEFAULT_LIMIT, "limit", 1)
-        offset = _int(q.get("offset"), 0, "offset", 0)
+        limit = _param(q, "limit", DEFAULT_LIMIT, int, 1)
+        offset = _param(q, "offset", 0, int, 0)
         order = q.get("order") or "desc"
         if order not in ("asc", "desc"):
             raise ApiError(400, "invalid value for 'order'")
@@ -529,7 +519,7 @@ class IotOpenSim(VendorSim):
     async def _h_log_v2(self, request: web.Request) -> web.Response:
         """Deprecated: newest `limit` rows are kept BEFORE dropping rows without a FunctionX [S]."""
         self._auth(request)
-        limit = min(_int(request.query.get("limit"), DEFAULT_LIMIT, "limit", 1), DEFAULT_LIMIT)
+        limit = min(_param(request.query, "limit", DEFAULT_LIMIT, int, 1), DEFAULT_LIMIT)
         _, topics, from_ms, to_ms = await self._window(request, comma_lists=False)
         _, page = self._page(topics, from_ms, to_ms, 0, limit, desc=True)
         out = []

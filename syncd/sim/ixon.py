@@ -2,7 +2,9 @@
 
 Served under /api: discovery (GET /api/), access tokens, companies, agents, data sources, data tags,
 alarm occurrences and DataList. Only discovery hrefs are authoritative: DataList and alarm occurrences live
-at non-obvious paths, hrefs carry `{agentId}` / `{publicId}` templates.
+at non-obvious paths, hrefs carry `{agentId}` / `{publicId}` templates. Credentials: the service-account
+`token` (works only with `application_id`), or Basic logins demo@example.com::demo-pass (no 2FA) and
+ops@example.com:123456:ops:pass (2FA) whose tokens work with any registered application.
 
 Choices the connector must mirror (the brief's §8 leaves them open):
 - telemetry: tenant = company publicId, device = agent publicId, metric = tag `slug` (unique per agent),
@@ -30,7 +32,7 @@ import math
 import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -44,10 +46,15 @@ MAX_QUEUE_S = 5.0  # longest a buffered request may wait before it is refused
 MAX_LIMIT = 5000
 AGGS = {"count", "mean", "median", "mode", "spread", "sum", "first", "last", "max", "min", "raw"}
 OPS = {"lt", "lte", "eq", "ne", "gt", "gte", "in", "ni", "isnull", "isnotnull", "between", "contains"}
-ALIASES = {"less": "lt", "lessOrEqual": "lte", "equals": "eq", "differs": "ne", "greater": "gt", "greaterOrEqual": "gte"}
+ALIASES = {"less": "lt", "lessOrEqual": "lte", "equals": "eq", "differs": "ne", "greater": "gt",
+           "greaterOrEqual": "gte"}
 APP_RE = re.compile(r"[A-Za-z0-9]{12}")
+DATE_RE = re.compile(r"\d{4}-\d\d-\d\dT")
+FILTER_RE = re.compile(r'\s*(\w+)\(\s*([\w.]+)((?:\s*,\s*(?:"(?:[^"\\]|\\.)*"|[^,()"]+))*)\s*\)\s*(?:,|$)')
+ARG_RE = re.compile(r'\s*,\s*("(?:[^"\\]|\\.)*"|[^,()"]+)')
 COMPANY_RE = re.compile(r"\d{4}(-\d{4}){4}")
 CURSOR_PREFIX = b"\xfb\xff\xbf"  # encodes to "+/+/": cursors only survive proper URL encoding
+MASK, GOLDEN = (1 << 64) - 1, 0x9E3779B97F4A7C15
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -63,6 +70,7 @@ TAG_BASES = [
     ("Error code", "error-code", "", "int"),
 ]
 STATES = ["RUNNING", "IDLE", "SETUP", 'FAULT E42: "overheat" / #2']
+SOURCES = [("PLC", "plc", "modbus"), ("Energy meter", "energy-meter", "opc-ua")]
 AGENT_NAMES = ["Press line 1", 'Linie 3/Presse "Süd" #2 +$', "Packaging robot", "Chiller östlich"]
 ALARMS = [("High temperature", "high", "threshold"), ('Druck > 5 bar / "Pumpe #2" +$ ✓', "medium", "threshold"),
           ("Door open", "low", "state")]
@@ -112,6 +120,7 @@ class Tag:
     step: int  # ms between points
     t0: int  # ms of point 0
     n: int  # points in the history
+    salt: int  # per-tag hash seed for values
 
     def t(self, i: int) -> int:
         return self.t0 + i * self.step
@@ -124,28 +133,6 @@ class Token:
     expires_ms: int | None
     application: str | None  # service-account tokens only work with their own application
     name: str | None = None
-    created: float = field(default=0.0)
-
-
-def _schema(text: str) -> dict[str, Any]:
-    return _parse_fields(text)
-
-
-SCHEMAS = {
-    "Company": _schema("publicId,name,custom,branding(publicId,name)"),
-    "Agent": _schema("publicId,name,deviceId,serialNumber,macAddress,activeStatus,activeVpnSession(publicId,startedOn),"
-                     "vpnChangedOn,mqttChangedOn,timeZone,company(publicId,name),dataSources(publicId,name,slug)"),
-    "DataSource": _schema("publicId,name,slug,disabled,protocol(publicId,name),valuesPerHour,agent(publicId,name),"
-                          "device(publicId,name)"),
-    "DataTag": _schema("publicId,tagId,name,slug,source(publicId,name,slug),retentionPolicy,logEvent,loggingInterval,"
-                       "variable(variableId,name,slug,type,unit,factor)"),
-    "AlarmOccurrence": _schema("publicId,alarm(publicId,name,type,severity),occurredOn,rtnOn,acknowledged,"
-                               "acknowledgedOn,silenced,stillActiveOn,comment"),
-    "AccessToken": _schema("publicId,secretId,expiresOn,lastUsedOn,trustedDeviceName"),
-}
-DEFAULTS = {"Company": "publicId,name", "Agent": "publicId,name", "DataSource": "publicId,name",
-            "DataTag": "publicId,tagId,name,slug", "AlarmOccurrence": "publicId,occurredOn,rtnOn",
-            "AccessToken": "publicId,secretId,expiresOn"}
 
 
 class IxonSim(VendorSim):
@@ -172,7 +159,9 @@ class IxonSim(VendorSim):
         self.application_id = self._pid("app")
         self.other_application_id = self._pid("app2")  # a registered app for personal (Basic-login) tokens
         self.token = self._pid("sa-secret", size=32)
-        self.tokens: dict[str, Token] = {self.token: Token(self._pid("sa-token"), self.token, None, self.application_id)}
+        service_account = Token(self._pid("sa-token"), self.token, None, self.application_id)
+        self.tokens: dict[str, Token] = {self.token: service_account}
+        self.minted = 0  # personal tokens issued so far (their ids derive from it)
         self.users = {"demo@example.com": ("demo-pass", None), "ops@example.com": ("ops:pass", "123456")}
         self.agent_objs: list[dict[str, Any]] = []
         self.sources: dict[str, dict[str, Any]] = {}  # publicId -> data source object
@@ -194,7 +183,7 @@ class IxonSim(VendorSim):
         name = AGENT_NAMES[a % len(AGENT_NAMES)] + (f" {a // len(AGENT_NAMES) + 1}" if a >= len(AGENT_NAMES) else "")
         ref = {"publicId": pid, "name": name}
         sources = []
-        for s, (sname, slug, proto) in enumerate([("PLC", "plc", "modbus"), ("Energy meter", "energy-meter", "opc-ua")]):
+        for s, (sname, slug, proto) in enumerate(SOURCES):
             src = {"publicId": self._pid("source", a, s), "name": sname, "slug": slug, "disabled": False,
                    "protocol": {"publicId": proto, "name": proto}, "valuesPerHour": 60, "agent": ref,
                    "device": {"publicId": self._pid("device", a, s), "name": sname}}
@@ -216,14 +205,18 @@ class IxonSim(VendorSim):
             name, slug, unit, vtype = TAG_BASES[k % len(TAG_BASES)]
             if k >= len(TAG_BASES):
                 name, slug = f"{name} {k // len(TAG_BASES) + 1}", f"{slug}-{k // len(TAG_BASES) + 1}"
-            src = sources[k % 2]
+            src, h = sources[k % 2], self._h("jitter", a, k)
+            if k % 2 and step >= 1000:  # odd tags log on whole seconds: their times carry no milliseconds
+                kstep = step - step % 1000
+                last = self.hist_end - self.hist_end % 1000 - 1000 * (h % (kstep // 1000))
+            else:  # the newest point lies within one step before the history end, the next one after it
+                kstep, last = step, self.hist_end - h % step
             obj = {"publicId": self._pid("tag", a, k), "tagId": k + 1, "name": name, "slug": slug,
                    "source": {k2: src[k2] for k2 in ("publicId", "name", "slug")}, "retentionPolicy": "52w",
-                   "logEvent": "change" if vtype in ("str", "bool") else "interval", "loggingInterval": f"{step}ms",
+                   "logEvent": "change" if vtype in ("str", "bool") else "interval", "loggingInterval": f"{kstep}ms",
                    "variable": {"variableId": 100 + k, "name": name, "slug": slug, "type": vtype, "unit": unit,
                                 "factor": 1}}
-            last = self.hist_end - self._h("jitter", a, k) % step
-            tags.append(Tag(a, k, obj, vtype, step, last - (npoints - 1) * step, npoints))
+            tags.append(Tag(a, k, obj, vtype, kstep, last - (npoints - 1) * kstep, npoints, _mix(self.seed, a, k)))
         self.tags.append(tags)
 
     def _bound(self) -> int:
@@ -235,16 +228,19 @@ class IxonSim(VendorSim):
             return tag.n
         return max(0, (self._bound() - tag.t0) // tag.step + 1)
 
-    def _value(self, tag: Tag, i: int) -> Any:
-        h = self._h("v", tag.agent, tag.k, i) if tag.type != "float" else _mix(self.seed, tag.agent, tag.k, i)
-        if tag.type == "float":
-            wave = math.sin(2 * math.pi * i / 96 + tag.k)
-            return round(20.0 + 10 * tag.k % 7 + 5.0 * wave + (h % 1000) / 1000.0, 3)
-        if tag.type == "int":
-            return 1000 * tag.k + 3 * i + h % 3  # a counter: monotonic
+    @staticmethod
+    def _series(tag: Tag, idx: range) -> list[Any]:
+        """Values of points `idx`, in one pass per type (200k points of ground truth must stay cheap)."""
+        salt, k = tag.salt, tag.k
+        hs = [(x ^ (x >> 31)) * 0xBF58476D1CE4E5B9 & MASK for x in ((salt + i * GOLDEN) & MASK for i in idx)]
+        if tag.type == "float":  # whole thousandths divided once: the shortest repr survives JSON unchanged
+            base, sin = 20_000 + 1_000 * (k % 7), math.sin
+            return [(base + int(5_000 * sin(i / 15.3 + k)) + h % 1000) / 1000 for i, h in zip(idx, hs, strict=True)]
+        if tag.type == "int":  # a counter: monotonic
+            return [1000 * k + 3 * i + h % 3 for i, h in zip(idx, hs, strict=True)]
         if tag.type == "bool":
-            return bool((h >> 11) & 1)
-        return STATES[h % len(STATES)]
+            return [bool(h >> 40 & 1) for h in hs]
+        return [STATES[h >> 40 & 3] for h in hs]
 
     def _occurrences(self, a: int) -> list[dict[str, Any]]:
         """Alarm occurrences of agent `a` visible now; each closes within its slot, the last historical stays open."""
@@ -273,26 +269,27 @@ class IxonSim(VendorSim):
 
     # -- contract with the harness ---------------------------------------------
     def ground_truth(self) -> list[TruthRow]:
+        out: list[TruthRow] = []
         rows: dict[tuple[str, str, str, str, int], TruthRow] = {}
+        cid = self.company_id
         for a, tags in enumerate(self.tags):
             dev = self.agent_objs[a]["publicId"]
-            for tag in tags:
-                slug = tag.obj["slug"]
-                for i in range(self._count(tag)):
-                    v = self._value(tag, i)
-                    text = v if isinstance(v, str) else None
-                    value = None if text is not None else float(v)
-                    ts = tag.t(i)
-                    rows[("telemetry", self.company_id, dev, slug, ts)] = TruthRow(
-                        "ixon", "telemetry", self.company_id, dev, slug, ts, value, text)
+            for tag in tags:  # no dedup needed: slugs are unique per agent and a tag's times are distinct
+                slug, t0, step, idx = tag.obj["slug"], tag.t0, tag.step, range(self._count(tag))
+                if tag.type == "str":
+                    out += [TruthRow("ixon", "telemetry", cid, dev, slug, t0 + i * step, None, v)
+                            for i, v in zip(idx, self._series(tag, idx), strict=True)]
+                else:
+                    out += [TruthRow("ixon", "telemetry", cid, dev, slug, t0 + i * step, float(v), None)
+                            for i, v in zip(idx, self._series(tag, idx), strict=True)]
             for o in self._occurrences(a):
                 alarm = o["alarm"]
                 text = f"{alarm['severity']}: {o['comment']}" if o["comment"] else alarm["severity"]
                 for ts in (o["_occ"], o["_rtn"]):
                     if ts is not None:
                         key = ("alert", self.company_id, dev, alarm["name"], ts)
-                        rows[key] = TruthRow("ixon", "alert", self.company_id, dev, alarm["name"], ts, None, text)
-        return list(rows.values())
+                        rows[key] = TruthRow("ixon", "alert", cid, dev, alarm["name"], ts, None, text)
+        return out + list(rows.values())
 
     def source_config(self) -> dict[str, Any]:
         return {"vendor": "ixon", "base_url": f"{self.url}/api", "application_id": self.application_id,
@@ -329,7 +326,9 @@ class IxonSim(VendorSim):
         while ok and (wait := max(w.wait() for w in windows)) > 0:
             ok = time.monotonic() + wait <= deadline
             if ok:
+                before = self.clock()
                 await asyncio.sleep(wait)
+                ok = self.clock() - before >= wait / 2  # a frozen test clock would never free a slot
         if not ok:
             if self.faults.drop:  # type: ignore[attr-defined]
                 if request.transport:
@@ -430,12 +429,13 @@ class IxonSim(VendorSim):
         if not isinstance(exp, int) or isinstance(exp, bool) or not 60 <= exp <= 5_184_000:
             raise ApiError(400, "expiresIn must be an integer from 60 to 5184000", "expiresIn")
         now = self.clock()
-        tok = Token(self._pid("token", email, now, len(self.tokens)), self._pid("secret", email, now, len(self.tokens),
-                    size=32), int(now * 1000) + exp * 1000, None, body.get("trustedDeviceName"), now)
+        self.minted += 1
+        tok = Token(self._pid("token", self.minted), self._pid("secret", self.minted, size=32),
+                    int(now * 1000) + exp * 1000, None, body.get("trustedDeviceName"))
         self.tokens[tok.secret] = tok
         obj = {"publicId": tok.public_id, "secretId": tok.secret, "expiresOn": _iso(tok.expires_ms or 0),
                "lastUsedOn": None, "trustedDeviceName": tok.name}
-        return self._ok("AccessToken", _select(request, "AccessToken", obj), status=201)
+        return self._ok("AccessToken", _project(obj, _spec(request, "AccessToken"), SCHEMAS["AccessToken"]), status=201)
 
     async def _h_delete_token(self, request: web.Request, _: Any) -> web.Response:
         pid = request.match_info["publicId"]
@@ -461,7 +461,7 @@ class IxonSim(VendorSim):
 
     async def _h_agent(self, request: web.Request, _: Any) -> web.Response:
         a = self._agent(request)
-        return self._ok("Agent", _select(request, "Agent", self.agent_objs[a]))
+        return self._ok("Agent", _project(self.agent_objs[a], _spec(request, "Agent"), SCHEMAS["Agent"]))
 
     async def _h_sources(self, request: web.Request, _: Any) -> web.Response:
         pid = self.agent_objs[self._agent(request)]["publicId"]
@@ -501,7 +501,8 @@ class IxonSim(VendorSim):
         more = None
         if first + size < len(items):
             more = base64.b64encode(CURSOR_PREFIX + dumps(key(page[-1])).encode()).decode()
-        return self._ok(rtype, [_select(request, kind, o) for o in page], more)
+        spec = _spec(request, kind)
+        return self._ok(rtype, [_project(o, spec, SCHEMAS[kind]) for o in page], more)
 
     async def _h_data(self, request: web.Request, _: Any) -> web.Response:
         body = await _json(request)
@@ -517,8 +518,10 @@ class IxonSim(VendorSim):
 
         if not isinstance(r, dict):
             raise fail("A data request must be an object", None)
-        src_ref = r.get("source")
-        src = self.sources.get(src_ref.get("publicId")) if isinstance(src_ref, dict) else None
+        src_id = r["source"].get("publicId") if isinstance(r.get("source"), dict) else None
+        if not isinstance(src_id, str):
+            raise fail("source.publicId is required", "source.publicId")
+        src = self.sources.get(src_id)
         if src is None:
             raise ApiError(404, "Data source not found", "source.publicId", idx)
         tzname = r.get("timeZone", "UTC")
@@ -593,9 +596,10 @@ class IxonSim(VendorSim):
             lo, hi = max(0, lo - 1), min(count, hi + 1)
         if agg == "raw" and transform is None:  # the fast path, arithmetic slicing only
             idx = range(lo, hi) if order == "asc" else range(hi - 1, lo - 1, -1)
-            series = [(tag.t(i), self._value(tag, i)) for i in idx[offset:offset + limit]]
+            idx = idx[offset:offset + limit]
+            series = list(zip((tag.t(i) for i in idx), self._series(tag, idx), strict=True))
         else:
-            series = [(tag.t(i), self._value(tag, i)) for i in range(lo, hi)]
+            series = list(zip((tag.t(i) for i in range(lo, hi)), self._series(tag, range(lo, hi)), strict=True))
             if agg != "raw":
                 buckets: dict[int, list[Any]] = {}
                 for ms, v in series:
@@ -612,12 +616,12 @@ class IxonSim(VendorSim):
 
 # -- helpers -------------------------------------------------------------------------------------
 def _mix(*parts: int) -> int:
-    """splitmix64 over the parts: the cheap hash behind float values (ground truth of 200k points stays fast)."""
+    """splitmix64 folded over integer parts."""
     x = 0
     for p in parts:
-        x = (x ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (p & MASK)) * GOLDEN & MASK
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & MASK
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & MASK
     return x ^ (x >> 31)
 
 
@@ -698,43 +702,38 @@ def _shape(v: Any, factor: Any, op: str, decimals: int | None) -> Any:
 
 
 def _parse_fields(text: str) -> dict[str, Any]:
-    """`a,b.c,d(e,f.g),*` -> nested dict {name: subspec or None}; raises ApiError on bad syntax."""
-    tokens = re.findall(r"[A-Za-z0-9_*]+|[().,]|\S", text)
-    pos = 0
-
-    def parse_list() -> dict[str, Any]:
-        nonlocal pos
-        out: dict[str, Any] = {}
-        while True:
-            path = []
-            while True:
-                if pos >= len(tokens) or not re.fullmatch(r"[A-Za-z0-9_*]+", tokens[pos]):
-                    raise ApiError(400, "Malformed fields parameter", "fields")
-                path.append(tokens[pos])
-                pos += 1
-                if pos < len(tokens) and tokens[pos] == ".":
-                    pos += 1
-                    continue
-                break
-            sub = None
-            if pos < len(tokens) and tokens[pos] == "(":
-                pos += 1
-                sub = parse_list()
-                if pos >= len(tokens) or tokens[pos] != ")":
-                    raise ApiError(400, "Malformed fields parameter", "fields")
-                pos += 1
-            for name in reversed(path[1:]):
-                sub = {name: sub}
-            _merge(out, path[0], sub)
-            if pos < len(tokens) and tokens[pos] == ",":
-                pos += 1
-                continue
-            return out
-
-    result = parse_list()
-    if pos != len(tokens):
+    """`a,b.c,d(e,f.g),*` -> nested dict {name: subspec or None}; bad syntax -> 400."""
+    tokens = re.findall(r"[\w*]+|\S", text) + [""]  # "" marks the end
+    spec, pos = _field_list(tokens, 0)
+    if tokens[pos]:
         raise ApiError(400, "Malformed fields parameter", "fields")
-    return result
+    return spec
+
+
+def _field_list(tokens: list[str], pos: int) -> tuple[dict[str, Any], int]:
+    out: dict[str, Any] = {}
+    while True:
+        name, sub, pos = _field_item(tokens, pos)
+        _merge(out, name, sub)
+        if tokens[pos] != ",":
+            return out, pos
+        pos += 1
+
+
+def _field_item(tokens: list[str], pos: int) -> tuple[str, Any, int]:
+    """One `name`, `name.item` (= name(item)) or `name(list)`."""
+    if not re.fullmatch(r"[\w*]+", tokens[pos]):
+        raise ApiError(400, "Malformed fields parameter", "fields")
+    name, pos = tokens[pos], pos + 1
+    if tokens[pos] == ".":
+        inner, sub, pos = _field_item(tokens, pos + 1)
+        return name, {inner: sub}, pos
+    if tokens[pos] != "(":
+        return name, None, pos
+    sub, pos = _field_list(tokens, pos + 1)
+    if tokens[pos] != ")":
+        raise ApiError(400, "Malformed fields parameter", "fields")
+    return name, sub, pos + 1
 
 
 def _merge(out: dict[str, Any], name: str, sub: Any) -> None:
@@ -755,12 +754,11 @@ def _check(spec: dict[str, Any], schema: dict[str, Any], path: str = "") -> None
             _check(sub, schema[name], f"{path}{name}.")
 
 
-def _select(request: web.Request, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
-    """Render `obj` with the request's `fields` (or the type's default subset); publicId always comes back."""
-    schema = SCHEMAS[kind]
+def _spec(request: web.Request, kind: str) -> dict[str, Any]:
+    """The request's `fields` (or the type's default subset), checked against the type's schema."""
     spec = _parse_fields(request.query.get("fields") or DEFAULTS[kind])
-    _check(spec, schema)
-    return _project(obj, spec, schema)
+    _check(spec, SCHEMAS[kind])
+    return spec
 
 
 def _project(obj: Any, spec: dict[str, Any] | None, schema: dict[str, Any]) -> Any:
@@ -780,46 +778,31 @@ def _project(obj: Any, spec: dict[str, Any] | None, schema: dict[str, Any]) -> A
 
 def _parse_filters(text: str, schema: dict[str, Any]) -> list[tuple[str, str, list[Any]]]:
     """`eq(a.b,"x"),in(c,"y","z")` -> [(op, path, args)], all AND-ed; unknown op or field -> 400."""
-    tok = re.compile(r'\s*(?:("(?:[^"\\]|\\.)*")|(-?\d+(?:\.\d+)?)(?![\w.])|([A-Za-z_][\w.]*)|([(),]))')
-    items, pos, out = [], 0, []
+    out, pos = [], 0
     while pos < len(text):
-        m = tok.match(text, pos)
-        if not m or m.end() == pos:
+        m = FILTER_RE.match(text, pos)
+        op = ALIASES.get(m[1], m[1]) if m else None
+        if not m or op not in OPS:
             raise ApiError(400, "Malformed filters parameter", "filters")
-        items.append(m.groups())
-        pos = m.end()
-    i = 0
-    while i < len(items):
-        name, lp = items[i][2], items[i + 1][3] if i + 1 < len(items) else None
-        op = ALIASES.get(name or "", name)
-        if op not in OPS or lp != "(" or i + 2 >= len(items) or not items[i + 2][2]:
-            raise ApiError(400, "Malformed filters parameter", "filters")
-        path, args, i = items[i + 2][2], [], i + 3
-        node = schema
-        for part in path.split("."):
+        node: Any = schema
+        for part in m[2].split("."):
             if not isinstance(node, dict) or part not in node:
-                raise ApiError(400, f"Unknown filter field {path}", "filters")
+                raise ApiError(400, f"Unknown filter field {m[2]}", "filters")
             node = node[part]
-        while i < len(items) and items[i][3] == ",":
-            s, n, word, _ = items[i + 1] if i + 1 < len(items) else (None, None, None, None)
-            if s is not None:
-                args.append(json.loads(s))
-            elif n is not None:
-                args.append(float(n) if "." in n else int(n))
-            elif word in ("true", "false", "null"):
-                args.append({"true": True, "false": False, "null": None}[word])
-            else:
-                raise ApiError(400, "Malformed filters parameter", "filters")
-            i += 2
-        if i >= len(items) or items[i][3] != ")":
-            raise ApiError(400, "Malformed filters parameter", "filters")
-        out.append((op, path, args))
-        i += 1
-        if i < len(items):
-            if items[i][3] != ",":
-                raise ApiError(400, "Malformed filters parameter", "filters")
-            i += 1
+        out.append((op, m[2], [_literal(a.strip()) for a in ARG_RE.findall(m[3])]))
+        pos = m.end()
     return out
+
+
+def _literal(text: str) -> Any:
+    if text.startswith('"'):
+        return json.loads(text)
+    if text in ("true", "false", "null"):
+        return {"true": True, "false": False, "null": None}[text]
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise ApiError(400, "Filter values must be quoted strings, numbers, true, false or null", "filters") from None
 
 
 def _values(obj: Any, parts: list[str]) -> list[Any]:
@@ -832,7 +815,7 @@ def _values(obj: Any, parts: list[str]) -> list[Any]:
 
 def _norm(a: Any, b: Any) -> tuple[Any, Any]:
     """Comparable pair: date-times by instant, numbers numerically, anything else as text."""
-    if isinstance(a, str) and isinstance(b, str) and re.match(r"\d{4}-\d\d-\d\dT", a) and re.match(r"\d{4}-\d\d-\d\dT", b):
+    if isinstance(a, str) and isinstance(b, str) and DATE_RE.match(a) and DATE_RE.match(b):
         ta, tb = _parse_time(a, UTC), _parse_time(b, UTC)
         if ta is not None and tb is not None:
             return ta, tb
@@ -864,3 +847,21 @@ def _test(op: str, values: list[Any], args: list[Any]) -> bool:
         except TypeError:
             continue
     return False
+
+
+SCHEMAS = {  # every field a type has; nested objects are sub-dicts
+    "Company": _parse_fields("publicId,name,custom,branding(publicId,name)"),
+    "Agent": _parse_fields("publicId,name,deviceId,serialNumber,macAddress,activeStatus,"
+                           "activeVpnSession(publicId,startedOn),vpnChangedOn,mqttChangedOn,timeZone,"
+                           "company(publicId,name),dataSources(publicId,name,slug)"),
+    "DataSource": _parse_fields("publicId,name,slug,disabled,protocol(publicId,name),valuesPerHour,"
+                                "agent(publicId,name),device(publicId,name)"),
+    "DataTag": _parse_fields("publicId,tagId,name,slug,source(publicId,name,slug),retentionPolicy,logEvent,"
+                             "loggingInterval,variable(variableId,name,slug,type,unit,factor)"),
+    "AlarmOccurrence": _parse_fields("publicId,alarm(publicId,name,type,severity),occurredOn,rtnOn,acknowledged,"
+                                     "acknowledgedOn,silenced,stillActiveOn,comment"),
+    "AccessToken": _parse_fields("publicId,secretId,expiresOn,lastUsedOn,trustedDeviceName"),
+}
+DEFAULTS = {"Company": "publicId,name", "Agent": "publicId,name", "DataSource": "publicId,name",
+            "DataTag": "publicId,tagId,name,slug", "AlarmOccurrence": "publicId,occurredOn,rtnOn",
+            "AccessToken": "publicId,secretId,expiresOn"}

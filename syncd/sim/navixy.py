@@ -100,12 +100,14 @@ class NavixySim(VendorSim):
         login: str = "demo@fleet.example",
         password: str = "demo-password",
         session_idle: float = 30 * 86400,
+        publish_rate: float = 2.0,
         rate_limit: int | None = 50,
     ) -> None:
         super().__init__(seed, clock=clock)
         self.anchor = clock()
         self.live, self.n, self.mqtt_url = live, max(1, trackers), mqtt_url
         self.login, self.password, self.session_idle, self.rate_limit = login, password, session_idle, rate_limit
+        self.publish_rate = publish_rate  # messages/s streamed while served when live and mqtt_url (0: off)
         self.user_id = 40000 + _h(seed, "user") % 9000
         self.api_key = hashlib.md5(f"navixy-key-{seed}".encode()).hexdigest()
         self.revoked_key = hashlib.md5(f"navixy-revoked-{seed}".encode()).hexdigest()
@@ -262,11 +264,15 @@ class NavixySim(VendorSim):
             raise RuntimeError("NavixySim needs mqtt_url to publish")
         pr = ep["properties"]
         version = aiomqtt.ProtocolVersion.V5 if pr["version"] == "5.0" else aiomqtt.ProtocolVersion.V311
-        return aiomqtt.Client(pr["domain"], pr["port"], username=pr["user_name"] or None,
-                              password=pr["user_password"] or None, identifier=pr["client_id"] + suffix,
-                              protocol=version, max_inflight_messages=100, timeout=10)
+        client = aiomqtt.Client(pr["domain"], pr["port"], username=pr["user_name"] or None,
+                                password=pr["user_password"] or None, identifier=pr["client_id"] + suffix,
+                                protocol=version, max_inflight_messages=100, timeout=10)
+        client.pending_calls_threshold = 10_000  # bursts keep a few hundred PUBACKs in flight on purpose
+        return client
 
     async def _emit(self, clients: list[tuple[aiomqtt.Client, dict[str, Any]]], plan: list[tuple[int, int]]) -> None:
+        if not clients:  # no enabled MQTT flow: nothing leaves Navixy
+            return
         for lo in range(0, len(plan), 200):
             chunk = plan[lo:lo + 200]
             calls: list[Awaitable[None]] = []
@@ -297,6 +303,8 @@ class NavixySim(VendorSim):
 
     async def start_publishing(self, rate_per_s: float = 5.0) -> None:
         """Background stream of `rate_per_s` messages/s until stop_publishing()."""
+        if not self.mqtt_url:
+            raise RuntimeError("NavixySim needs mqtt_url to publish")
         if self._task is None:
             self._task = asyncio.create_task(self._live_loop(rate_per_s))
 
@@ -328,7 +336,7 @@ class NavixySim(VendorSim):
     def ground_truth(self) -> list[TruthRow]:
         rows: dict[tuple[str, str, int], TruthRow] = {}
         tenant = str(self.user_id)
-        for p, stamps in self._published.items():
+        for p, stamps in list(self._published.items()):  # the live publisher may append meanwhile
             device = self.orphan if p < 0 else str(self.source_id(p))
             for ts in set(stamps):
                 msg = self.message(p, ts)
@@ -376,25 +384,32 @@ class NavixySim(VendorSim):
         self.routes: dict[str, tuple[tuple[str, ...], Callable[..., Any], str | None]] = {
             "/user/auth": (("POST",), self._user_auth, None),
             "/user/get_info": (("GET", "POST"), self._get_info, "any"),
-            "/user/api_key/list": (("POST",), self._key_list, "session"),
+            "/user/api_key/list": (("POST",), lambda q: {"list": [
+                {"hash": k, "label": f"key {i + 1}"} for i, (k, gone) in enumerate(self.keys.items()) if not gone]},
+                "session"),
             "/user/api_key/delete": (("POST",), self._key_delete, "session"),
-            "/tracker/list": (("GET", "POST"), self._tracker_list, "any"),
-            "/iot/logic/flow/list": (("GET",), self._flow_list, "any"),
+            "/tracker/list": (("GET", "POST"), lambda q: {"list": [self.tracker(i) for i in range(self.n)]}, "any"),
+            "/iot/logic/flow/list": (("GET",), lambda q: {"list": self.flows()}, "any"),
             "/iot/logic/flow/read": (("GET",), self._flow_read, "any"),
             "/iot/logic/flow/sources/list": (("GET",), self._sources_list, "any"),
             "/iot/logic/flow/sources/mapping/list": (("GET",), self._mapping_list, "any"),
             "/iot/logic/flow/sources/attribute/list": (("POST",), self._attribute_list, "any"),
-            "/iot/logic/flow/endpoint/list": (("POST",), self._endpoint_list, "any"),
+            "/iot/logic/flow/endpoint/list": (("POST",), lambda q: {"list": [
+                {k: ep[k] for k in ("id", "title", "type", "description")} for ep in self.endpoints.values()]}, "any"),
             "/iot/logic/flow/endpoint/read": (("POST",), self._endpoint_read, "any"),
             "/iot/logic/flow/endpoint/create": (("POST",), self._endpoint_create, "any"),
         }
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        if self.live and self.mqtt_url and self.publish_rate > 0:  # `syncd sim --live` shows a live stream
+            app.on_startup.append(lambda _app: self.start_publishing(self.publish_rate))
+            app.on_cleanup.append(lambda _app: self.stop_publishing())
 
     def _limit(self, table: dict[str, SlidingWindowLimit], key: str) -> None:
         if self.rate_limit is None:
             return
-        lim = table.setdefault(key, SlidingWindowLimit(self.rate_limit, 1.0, self.clock))
-        if not lim.allow():
+        if key not in table:
+            table[key] = SlidingWindowLimit(self.rate_limit, 1.0, self.clock)
+        if not table[key].allow():
             raise Fail(429, *CODES[429])
 
     async def _dispatch(self, request: web.Request) -> web.Response:
@@ -472,21 +487,11 @@ class NavixySim(VendorSim):
             "time_zone": "Europe/Berlin", "creation_date": time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.gmtime(self.anchor - 400 * 86400))}}
 
-    def _key_list(self, q: dict[str, Any]) -> dict[str, Any]:
-        return {"list": [{"hash": k, "label": f"key {i + 1}"} for i, (k, gone) in enumerate(self.keys.items())
-                         if not gone]}
-
     def _key_delete(self, q: dict[str, Any]) -> dict[str, Any]:
         if q.get("api_key") not in self.keys or self.keys[q["api_key"]]:
             raise Fail(404, *CODES[404])
         self.keys[q["api_key"]] = True
         return {}
-
-    def _tracker_list(self, q: dict[str, Any]) -> dict[str, Any]:
-        return {"list": [self.tracker(i) for i in range(self.n)]}
-
-    def _flow_list(self, q: dict[str, Any]) -> dict[str, Any]:
-        return {"list": self.flows()}
 
     def _flow_read(self, q: dict[str, Any]) -> dict[str, Any]:
         fid = _int(q, "flow_id")
@@ -532,9 +537,6 @@ class NavixySim(VendorSim):
             names += [{"name": n, "received": True} for n in raw]
         return {"list": names}
 
-    def _endpoint_list(self, q: dict[str, Any]) -> dict[str, Any]:
-        return {"list": [{k: ep[k] for k in ("id", "title", "type", "description")} for ep in self.endpoints.values()]}
-
     def _endpoint_read(self, q: dict[str, Any]) -> dict[str, Any]:
         eid = _int(q, "endpoint_id")
         if eid not in self.endpoints:
@@ -551,7 +553,8 @@ class NavixySim(VendorSim):
         if ep.get("status", "active") not in ("active", "waiting_reconnect", "suspend", "disabled"):
             problems.append("unknown status")
         if ep.get("type") == "output_mqtt_client":
-            pr = ep.get("properties") if isinstance(ep.get("properties"), dict) else {}
+            pr = ep.get("properties")
+            pr = pr if isinstance(pr, dict) else {}
             need = ("protocol", "domain", "port", "client_id", "qos", "topics", "version", "use_ssl", "mqtt_auth")
             problems += [f"properties.{k} is required" for k in need if k not in pr]
             if pr.get("qos", 0) not in (0, 1):

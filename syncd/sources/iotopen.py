@@ -83,6 +83,7 @@ class IotOpenSource(Source):
         resp = await self.client.request(
             "POST", f"{self.config.base_url}/api/v2/auth",
             headers={"Authorization": "Basic " + base64.b64encode(pair).decode(), "Accept": "application/json"},
+            expect_json=True,
         )
         body = resp.json()
         if not isinstance(body, dict) or not body.get("token"):
@@ -98,8 +99,9 @@ class IotOpenSource(Source):
         return {"X-API-Key": self.token or "", "Accept": "application/json"}
 
     async def _get(self, path: str, params: Any = None) -> Any:
-        resp = await self.client.request("GET", f"{self.config.base_url}{path}", headers=self._headers(), params=params)
-        return resp.json()
+        resp = await self.client.request("GET", f"{self.config.base_url}{path}", headers=self._headers(), params=params,
+                                         expect_json=True)
+        return resp.data
 
     # -- inventory ----------------------------------------------------------------------------------
 

@@ -1,0 +1,796 @@
+"""Proxus IIoT fake: JWT login, OData Device/Gateway/Rule/Alert, and a strict SQL SELECT over DeviceRawData.
+
+Choices the connector must mirror (brief §8 leaves them open):
+- tenant = the configured source name; the sim cannot know it, so ground_truth() uses `tenant` (default
+  "proxus-sim") and the harness must name the `[[sources]]` entry the same.
+- telemetry: device = str(DeviceId), metric = Key, ts = Time (UTC ms); value = NumericValue unless
+  DataType is String or the value is null (NaN); Boolean/Int32/Double all count as numeric (Boolean is 0/1);
+  text = StringValue when it is non-empty or DataType is String (so a String row with "" has text "").
+- alert: device = str(DeviceId), metric = "alert" (the Alert entity carries only RuleId, no rule name),
+  ts = CreatedOn (DateTimeOffset, "Z" or "+02:00", ms precision), value = None, text = Message.
+- Duplicate DeviceRawData rows (a retried async insert) are exact copies; ground truth keeps one.
+- DataType Enum8 (names assumed, Double = 8 as in [D1]): Boolean 1, Int16 2, UInt16 3, Int32 4, UInt32 5,
+  Int64 6, Float 7, Double 8, String 9, DateTime 10.  Device's OData name property is `Name` (seed $filter).
+- Visibility: a row is readable 1 s after its Time; with `late` on, ~2.5 % of rows only 90-240 s after.
+  ground_truth() = what is readable now with Time <= now - 10 s (all history when not live).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import math
+import operator
+import re
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from functools import lru_cache
+from typing import Any
+
+from aiohttp import web
+
+from syncd.sim.common import Clock, SlidingWindowLimit, TruthRow, VendorSim, dumps
+
+COLUMNS = ("Time", "DeviceId", "DeviceName", "Key", "DataType", "NumericValue", "StringValue")
+IDX = {c: i for i, c in enumerate(COLUMNS)}
+COL_TYPE = {"Time": "time", "DeviceId": "num", "DeviceName": "str", "Key": "str", "DataType": "enum",
+            "NumericValue": "num", "StringValue": "str"}
+DATA_TYPES = {"Boolean": 1, "Int16": 2, "UInt16": 3, "Int32": 4, "UInt32": 5, "Int64": 6, "Float": 7,
+              "Double": 8, "String": 9, "DateTime": 10}
+DT_NAME = {v: k for k, v in DATA_TYPES.items()}
+BOOL, INT32, DOUBLE, STRING = 1, 4, 8, 9
+NAMES = ["Sensor1", "pump'; DROP TABLE x; --", 'Kühlhaus "Süd" +3/#1 $', "Boiler 2", "Line-4 Press"]
+KEYS = [("temperature", DOUBLE), ("ns=2;s=Tank #1/Level+'Ω'", DOUBLE), ("state", STRING),
+        ("$SYS/running", BOOL), ("Δp [mbar] #2+", DOUBLE), ("counter", INT32), ("rpm", DOUBLE), ("mode", STRING)]
+STATES = ("Normal", "High", "Low", "Fault")
+SEVERITIES = ("Info", "Warning", "Critical")
+RULES = ["High temperature", "Level 'critical'", "Pump stopped"]
+WRITE_MS = 1000  # micro-batched insert: a row is readable this long after its Time
+LAG_MS = 10_000  # ground truth stops this far before now (the connector's upper bound lag)
+DEFAULT_MAX_ROWS, MAX_ROWS = 10_000, 50_000
+UNITS_MS = {"SECOND": 1000, "MINUTE": 60_000, "HOUR": 3_600_000, "DAY": 86_400_000, "WEEK": 604_800_000}
+CMP: dict[str, Callable[[Any, Any], bool]] = {
+    "=": operator.eq, "==": operator.eq, "!=": operator.ne, "<>": operator.ne, "<": operator.lt, ">": operator.gt,
+    "<=": operator.le, ">=": operator.ge}
+KEYWORDS = {"SELECT", "FROM", "WHERE", "AND", "OR", "IN", "ORDER", "BY", "ASC", "DESC", "LIMIT", "INTERVAL"}
+NATURAL = [("Time", False), ("DeviceId", False), ("Key", False)]
+ODATA_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "eq": operator.eq, "ne": operator.ne, "gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
+INVALID_URI = "The query specified in the URI is not valid."
+ODATA_OPTIONS = {"$filter", "$select", "$top", "$skip", "$orderby", "$count"}
+M64 = (1 << 64) - 1
+Row = tuple[int, int, str, str, int, float, str]
+Cond = tuple[Callable[[Any], bool], int | None, int | None]  # predicate, Time lower/upper bound (ms)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _mix(a: int, b: int) -> int:
+    """splitmix64 of two ints: cheap, deterministic per-row randomness without materialising rows."""
+    z = (a * 0x9E3779B97F4A7C15 + b * 0xD1B54A32D192ED03 + 0x94D049BB133111EB) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@lru_cache(maxsize=4096)
+def _fmt_second(s: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s))
+
+
+def _fmt_time(ms: int) -> str:
+    return f"{_fmt_second(ms // 1000)}.{ms % 1000:03d}"
+
+
+@lru_cache(maxsize=4096)
+def _json_str(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False).replace("/", "\\/")  # ClickHouse escapes '/' in JSON strings
+
+
+def _fmt_float(v: float) -> str:
+    """ClickHouse Float64 text: shortest form, no '.0' on whole numbers, nan/inf as null."""
+    if math.isnan(v) or math.isinf(v):
+        return "null"
+    return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
+
+
+RENDER: dict[str, Callable[[Any], str]] = {  # JSONEachRow spelling of each column
+    "Time": lambda v: f'"{_fmt_time(v)}"', "DeviceId": str, "DeviceName": _json_str, "Key": _json_str,
+    "DataType": lambda v: f'"{DT_NAME[v]}"', "NumericValue": _fmt_float, "StringValue": _json_str}
+
+
+class SqlError(Exception):
+    """A statement the telemetry guard or ClickHouse refuses (rendered as 400 {"error": ...})."""
+
+
+_TOKEN = re.compile(r"""\s*(?:
+   (?P<comment>--|/\*|\#)
+  |(?P<str>'(?:[^'\\]|''|\\.)*')
+  |(?P<qid>`[^`]*`|"[^"]*")
+  |(?P<num>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
+  |(?P<word>[A-Za-z_][A-Za-z0-9_]*)
+  |(?P<op><=|>=|!=|<>|==|[=<>(),*;.+-])
+)""", re.X | re.S)
+_DT = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?)?")
+
+
+def _unquote(lit: str) -> str:
+    def esc(m: re.Match[str]) -> str:
+        if m.group(0) == "''":
+            return "'"
+        if m.group(1) in "\\'":
+            return m.group(1)
+        raise SqlError(f"Unsupported escape sequence \\{m.group(1)} in string literal")
+    return re.sub(r"''|\\(.)", esc, lit[1:-1], flags=re.S)
+
+
+def _parse_dt(text: str, scale: int = 3) -> int:
+    m = _DT.fullmatch(text)
+    try:
+        if not m:
+            raise ValueError
+        y, mo, d, h, mi, s, frac = m.groups()
+        dt = datetime(int(y), int(mo), int(d), int(h or 0), int(mi or 0), int(s or 0), tzinfo=UTC)
+    except ValueError:
+        raise SqlError(f"Cannot parse string '{text}' as DateTime64(3)") from None
+    return int(dt.timestamp()) * 1000 + int((frac or "")[: min(scale, 3)].ljust(3, "0"))
+
+
+def tokenize(text: str) -> list[tuple[str, str]]:
+    """Split a statement into (kind, text) tokens; comments and unbalanced quotes are refused here."""
+    text, pos, out = text.strip(), 0, []
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            rest = text[pos:].lstrip()
+            what = "unbalanced quote" if rest[:1] in "'`\"" else f"unexpected {rest[:12]!r}"
+            raise SqlError(f"Syntax error: {what}")
+        kind = m.lastgroup or ""
+        if kind == "comment":
+            raise SqlError("Comments are not allowed")
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+    return out
+
+
+class Parser:
+    """Token cursor plus the OR/AND layer shared by the SQL WHERE and the OData $filter grammars."""
+
+    error: type[Exception] = SqlError
+    AND, OR = "AND", "OR"
+    fold_case = True  # SQL keywords are case-insensitive, OData's `and`/`or` are not
+
+    def __init__(self, toks: list[tuple[str, str]]) -> None:
+        self.toks, self.i = toks, 0
+
+    def peek(self, ahead: int = 0) -> tuple[str, str]:
+        j = self.i + ahead
+        return self.toks[j] if j < len(self.toks) else ("eof", "")
+
+    def take(self) -> tuple[str, str]:
+        tok = self.peek()
+        if tok[0] == "eof":
+            raise self.error("Syntax error: unexpected end of expression")
+        self.i += 1
+        return tok
+
+    def accept(self, text: str, kind: str = "op") -> bool:
+        k, t = self.peek()
+        if k == kind and (t.upper() if kind == "word" and self.fold_case else t) == text:
+            self.i += 1
+            return True
+        return False
+
+    def expect(self, text: str, kind: str = "op") -> None:
+        if not self.accept(text, kind):
+            raise self.error(f"Syntax error: expected {text!r} near {self.peek()[1]!r}")
+
+    def listof(self, item: Callable[[], Any]) -> list[Any]:
+        out = [item()]
+        while self.accept(","):
+            out.append(item())
+        return out
+
+    def disjunction(self) -> Cond:
+        return self.junction(self.OR, lambda: self.junction(self.AND, self.atom))
+
+    def junction(self, word: str, item: Callable[[], Cond]) -> Cond:
+        parts = [item()]
+        while self.accept(word, "word"):
+            parts.append(item())
+        if len(parts) == 1:
+            return parts[0]
+        preds, los, his = zip(*parts, strict=True)
+        if word == self.AND:  # Time bounds: AND narrows, OR widens (unbounded if any side is)
+            lo = max((x for x in los if x is not None), default=None)
+            hi = min((x for x in his if x is not None), default=None)
+            return lambda r: all(p(r) for p in preds), lo, hi
+        lo = None if None in los else min(los)
+        hi = None if None in his else max(his)
+        return lambda r: any(p(r) for p in preds), lo, hi
+
+    def atom(self) -> Cond:
+        raise NotImplementedError
+
+
+class Query(Parser):
+    """One parsed SELECT, compiled to a row predicate plus Time bounds (so a page never scans the whole table).
+
+    query  := SELECT ('*' | count() | count(*) | col {, col}) FROM [proxus.]DeviceRawData
+              [WHERE or] [ORDER BY col [ASC|DESC] {, ...}] [LIMIT int] [';']
+    or     := and {OR and};  and := atom {AND atom}
+    atom   := '(' or ')' | col op value | col IN '(' value {, value} ')'
+              | '(' col {, col} ')' op '(' value {, value} ')'
+    op     := = | == | != | <> | < | > | <= | >=
+    value  := 'str' ('' or \' escapes) | [-]number | now() | toDateTime64('YYYY-MM-DD hh:mm:ss[.fff]', n[, 'UTC'])
+              followed by any number of (+|-) INTERVAL n SECOND|MINUTE|HOUR|DAY|WEEK (datetimes only)
+    Columns are case-sensitive, `quoted` or "quoted"; keywords, now and count are not.
+    """
+
+    def __init__(self, text: str, now_ms: int) -> None:
+        super().__init__(tokenize(text))
+        self.now_ms = now_ms
+        if not self.accept("SELECT", "word"):
+            raise SqlError("Only SELECT queries are allowed")
+        if ("op", ";") in self.toks[:-1]:
+            raise SqlError("Multiple statements are not allowed")
+        if self.toks[-1] == ("op", ";"):
+            self.toks.pop()
+        self.pred: Callable[[Row], bool] = lambda r: True
+        self.lo: int | None = None
+        self.hi: int | None = None
+        self.order: list[tuple[str, bool]] = []
+        self.limit: int | None = None
+        self.count = self.peek()[1].lower() == "count" and self.peek(1) == ("op", "(")
+        if self.count:
+            self.i += 2
+            self.accept("*")
+            self.expect(")")
+        self.cols = [] if self.count else list(COLUMNS) if self.accept("*") else self.listof(self.column)
+        self.expect("FROM", "word")
+        table = self.take()[1] + (f".{self.take()[1]}" if self.accept(".") else "")
+        if table.replace("`", "") not in ("DeviceRawData", "proxus.DeviceRawData"):
+            raise SqlError(f"Table {table} is not allowed")
+        if self.accept("WHERE", "word"):
+            self.pred, self.lo, self.hi = self.disjunction()
+        if self.accept("ORDER", "word"):
+            self.expect("BY", "word")
+            self.order = self.listof(self.order_item)
+            if self.count:
+                raise SqlError(f"Column {self.order[0][0]} is not under aggregate function")
+        if self.accept("LIMIT", "word"):
+            kind, text = self.take()
+            if kind != "num" or not text.isdigit():
+                raise SqlError(f"Syntax error: LIMIT needs a non-negative integer, got {text!r}")
+            self.limit = int(text)
+        if self.peek()[0] != "eof":
+            raise SqlError(f"Syntax error: unexpected {self.peek()[1]!r}")
+
+    def is_column(self, ahead: int = 0) -> bool:
+        kind, text = self.peek(ahead)
+        return kind == "qid" or (kind == "word" and text.upper() not in KEYWORDS)
+
+    def column(self) -> str:
+        if not self.is_column():
+            raise SqlError(f"Syntax error: expected a column near {self.peek()[1]!r}")
+        kind, text = self.take()
+        name = text[1:-1] if kind == "qid" else text
+        if self.peek() == ("op", "("):
+            raise SqlError(f"Function {name} is not allowed")
+        if name not in IDX:  # ClickHouse identifiers are case-sensitive
+            raise SqlError(f"Unknown expression identifier '{name}'")
+        return name
+
+    def order_item(self) -> tuple[str, bool]:
+        col = self.column()
+        if self.accept("DESC", "word"):
+            return col, True
+        self.accept("ASC", "word")
+        return col, False
+
+    def atom(self) -> Cond:
+        if self.peek() == ("op", "(") and not (self.is_column(1) and (self.peek(2) == ("op", ",") or (
+                self.peek(2) == ("op", ")") and self.peek(3)[1] in CMP))):
+            self.i += 1
+            cond = self.disjunction()
+            self.expect(")")
+            return cond
+        if self.accept("("):  # tuple comparison, e.g. (Time, DeviceId, Key) > ('...', 3, 'k')
+            cols = self.listof(self.column)
+            self.expect(")")
+            fn, sym = self.cmp_op()
+            self.expect("(")
+            vals = self.listof(self.value)
+            self.expect(")")
+            if len(vals) != len(cols):
+                raise SqlError("Tuple sizes differ in comparison")
+            idx = [IDX[c] for c in cols]
+            want = tuple(self.coerce(c, v) for c, v in zip(cols, vals, strict=True))
+            lo, hi = self.bounds(sym, want[0]) if cols[0] == "Time" else (None, None)  # scan bounds are inclusive
+            return lambda r: fn(tuple(r[i] for i in idx), want), lo, hi
+        col = self.column()
+        i = IDX[col]
+        if self.accept("IN", "word"):
+            self.expect("(")
+            vals = [self.coerce(col, v) for v in self.listof(self.value)]
+            self.expect(")")
+            members = set(vals)
+            return lambda r: r[i] in members, *((min(vals), max(vals)) if col == "Time" else (None, None))
+        fn, sym = self.cmp_op()
+        want = self.coerce(col, self.value())
+        lo, hi = self.bounds(sym, want) if col == "Time" else (None, None)
+        return lambda r: fn(r[i], want), lo, hi
+
+    @staticmethod
+    def bounds(sym: str, v: Any) -> tuple[int | None, int | None]:
+        return {">": (v, None), ">=": (v, None), "<": (None, v), "<=": (None, v), "=": (v, v),
+                "==": (v, v)}.get(sym, (None, None))
+
+    def cmp_op(self) -> tuple[Callable[[Any, Any], bool], str]:
+        kind, text = self.take()
+        if kind != "op" or text not in CMP:
+            raise SqlError(f"Syntax error: expected a comparison, got {text!r}")
+        return CMP[text], text
+
+    def value(self) -> tuple[str, Any]:
+        kind, text = self.take()
+        if kind == "str":
+            return "str", _unquote(text)
+        if kind == "op" and text == "-" and self.peek()[0] == "num":
+            return "num", -float(self.take()[1])
+        if kind == "num":
+            return "num", int(text) if text.isdigit() else float(text)
+        if kind != "word" or not self.accept("("):
+            raise SqlError(f"Syntax error: expected a literal, got {text!r}")
+        if text.lower() == "now":
+            ms = self.now_ms // 1000 * 1000  # now() is a DateTime: whole seconds
+        elif text == "toDateTime64":
+            lit = self.take()
+            self.expect(",")
+            scale = self.take()
+            if lit[0] != "str" or scale[0] != "num" or not scale[1].isdigit() or int(scale[1]) > 9:
+                raise SqlError("toDateTime64 expects ('YYYY-MM-DD hh:mm:ss.fff', scale)")
+            if self.accept(",") and self.take() != ("str", "'UTC'"):
+                raise SqlError("toDateTime64: only the 'UTC' time zone is supported")
+            ms = _parse_dt(_unquote(lit[1]), int(scale[1]))
+        else:
+            raise SqlError(f"Function {text} is not allowed")
+        self.expect(")")
+        while self.peek() in (("op", "-"), ("op", "+")) and self.peek(1)[1].upper() == "INTERVAL":
+            sign = -1 if self.take()[1] == "-" else 1
+            self.i += 1
+            n, unit = self.take(), self.take()[1].upper()
+            if n[0] != "num" or not n[1].isdigit() or unit not in UNITS_MS:
+                raise SqlError("Syntax error: INTERVAL <n> SECOND|MINUTE|HOUR|DAY|WEEK")
+            ms += sign * int(n[1]) * UNITS_MS[unit]
+        return "dt", ms
+
+    @staticmethod
+    def coerce(col: str, val: tuple[str, Any]) -> Any:
+        """Type-check a literal against a column the way ClickHouse would, once, before any row is read."""
+        kind, x = val
+        t = COL_TYPE[col]
+        if t == "time" and kind in ("dt", "str"):
+            return x if kind == "dt" else _parse_dt(x)
+        if t == "num" and kind == "num" or t == "str" and kind == "str":
+            return x
+        if t == "num" and kind == "str":
+            try:
+                return float(x)
+            except ValueError:
+                raise SqlError(f"Cannot parse '{x}' as a number for {col}") from None
+        if t == "enum" and kind in ("str", "num"):
+            if kind == "str" and x in DATA_TYPES or kind == "num" and x in DT_NAME:
+                return DATA_TYPES[x] if kind == "str" else int(x)
+            raise SqlError(f"Unknown element '{x}' for enum DataType")
+        raise SqlError(f"Illegal types: cannot compare {col} with {kind} {x!r}")
+
+
+class ODataError(Exception):
+    """An OData query option the server refuses (rendered as 400 {"error": {"code", "message"}})."""
+
+
+_OD_TOKEN = re.compile(r"\s*(?:(?P<str>'(?:[^']|'')*')|(?P<dt>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?"
+                       r"(?:Z|[+-]\d{2}:\d{2}))|(?P<num>-?\d+(?:\.\d+)?)|(?P<word>[A-Za-z_]\w*)|(?P<op>[()]))")
+
+
+class ODataFilter(Parser):
+    """`$filter` with eq/ne/gt/ge/lt/le, and/or and parentheses (no functions), type-checked per property."""
+
+    error = ODataError
+    AND, OR = "and", "or"
+    fold_case = False
+
+    def __init__(self, text: str, props: dict[str, type]) -> None:
+        toks, pos = [], 0
+        while pos < len(text.rstrip()):
+            m = _OD_TOKEN.match(text, pos)
+            if not m:
+                raise ODataError(f"Syntax error at position {pos} in '{text}'.")
+            toks.append((m.lastgroup or "", m.group(m.lastgroup or "")))
+            pos = m.end()
+        super().__init__(toks)
+        self.props = props
+        self.pred = self.disjunction()[0]
+        if self.peek()[0] != "eof":
+            raise ODataError(f"Syntax error near '{self.peek()[1]}'.")
+
+    def atom(self) -> Cond:
+        if self.accept("("):
+            cond = self.disjunction()
+            self.expect(")")
+            return cond
+        kind, prop = self.take()
+        if kind != "word" or self.peek() == ("op", "("):
+            raise ODataError(f"Unsupported expression or function '{prop}'.")
+        if prop not in self.props:
+            raise ODataError(f"Could not find a property named '{prop}' on type 'Proxus.Model'.")
+        op_name = self.take()[1]
+        if op_name not in ODATA_OPS:
+            raise ODataError(f"Unsupported operator '{op_name}'.")
+        fn, want = ODATA_OPS[op_name], self.literal()
+        if want is None and op_name in ("eq", "ne"):
+            return lambda e: fn(e[prop], None), None, None
+        ok = {bool: (bool,), int: (int, float), float: (int, float)}.get(self.props[prop], (self.props[prop],))
+        if type(want) not in ok:
+            raise ODataError(f"A binary operator with incompatible types was detected for property '{prop}'.")
+        return lambda e: e[prop] is not None and fn(e[prop], want), None, None
+
+    def literal(self) -> Any:
+        kind, t = self.take()
+        if kind == "str":
+            return t[1:-1].replace("''", "'")
+        if kind == "num":
+            return float(t) if "." in t else int(t)
+        if kind == "dt":
+            return datetime.fromisoformat(t.replace("Z", "+00:00"))
+        if kind == "word" and t in ("true", "false", "null"):
+            return {"true": True, "false": False, "null": None}[t]
+        raise ODataError(f"Expected a literal at '{t}'.")
+
+
+class ProxusSim(VendorSim):
+    """A self-hosted Proxus server: history lies in [anchor - history, anchor - 60 s], generated per row on demand."""
+
+    vendor = "proxus"
+
+    def __init__(self, seed: int = 1, *, clock: Clock = time.time, live: bool = False, devices: int = 5,
+                 keys_per_device: int = 4, rows: int = 5000, history: float = 3600, alerts: int = 20,
+                 late: bool = False, token_style: str = "alternate", token_ttl: float = 3600,
+                 odata_page_size: int = 100, username: str = "syncd", password: str = "proxus-sim",
+                 tenant: str = "proxus-sim", rate_limit: int | None = None) -> None:
+        super().__init__(seed, clock=clock)
+        if token_style not in ("quoted", "bare", "alternate"):
+            raise ValueError("token_style must be quoted, bare or alternate")
+        self.live, self.late, self.token_style, self.token_ttl = live, late, token_style, token_ttl
+        self.odata_page_size, self.username, self.password, self.tenant = odata_page_size, username, password, tenant
+        self.anchor = clock()
+        self.statements: list[str] = []  # every SQL text received, accepted or not
+        self.limits = [SlidingWindowLimit(rate_limit, 1.0, clock)] if rate_limit else []  # none documented
+        self.series = devices * keys_per_device
+        self.n_ticks = -(-rows // self.series)  # whole ticks: every series sampled each tick
+        history_ms = int(history * 1000)
+        self.t0 = int(self.anchor * 1000) - history_ms
+        self.iv = (history_ms - 60_000) // self.n_ticks
+        if self.iv < 1:
+            raise ValueError("history too short for that many rows")
+        self.dev_ids = [d + 1 for d in range(devices)]
+        self.dev_names = [NAMES[d] if d < len(NAMES) else f"Device{d + 1}" for d in range(devices)]
+        keys = [KEYS[k] if k < len(KEYS) else (f"tag{k}", DOUBLE) for k in range(keys_per_device)]
+        phase = [_mix(seed, d) % self.iv for d in range(devices)]
+        # slot order inside a tick = ORDER BY Time, DeviceId, Key, so position order is the natural order
+        series = sorted((phase[d], self.dev_ids[d], keys[k][0], d, k) for d in range(devices)
+                        for k in range(keys_per_device))
+        self.slots = [(ph, self.dev_ids[d], self.dev_names[d], key, keys[k][1], 20.0 + 7 * d + k, 1.0 + (d + k) % 5)
+                      for ph, _, key, d, k in series]
+        self.n_alerts, self.alert_iv = alerts, max(1, (history_ms - 60_000) // max(alerts, 1))
+        self._secret = hashlib.sha256(f"proxus-sim-{seed}".encode()).digest()
+        self._jti = self._revoked_upto = self._logins = 0
+
+    # -- data ------------------------------------------------------------
+    def _row(self, p: int, now_ms: int) -> tuple[Row | None, bool]:
+        """Position p in natural order → (row or None when not readable yet, is-duplicated)."""
+        j, slot = divmod(p, self.series)
+        ph, dev_id, name, key, dtype, base, amp = self.slots[slot]
+        ts = self.t0 + j * self.iv + ph
+        h = _mix(self.seed * 1_000_003 + slot, j)
+        delay = 90_000 + (h >> 12) % 150_000 if self.late and (h >> 4) % 40 == 0 else WRITE_MS
+        if ts + delay > now_ms:
+            return None, False
+        sv = ""
+        if dtype == DOUBLE:
+            wave = base + amp * math.sin(j / 9 + slot) + (h % 1000) / 2000
+            num = math.nan if (h >> 40) % 499 == 0 else round(wave, 3)
+        elif dtype == INT32:
+            num = float(j * (slot + 1) % 1_000_000)
+        elif dtype == BOOL:
+            num = float((j // 7 + slot) % 2)
+            sv = "True" if num else "False"
+        else:
+            num, sv = 0.0, "" if (h >> 20) % 97 == 0 else STATES[(j // 5 + slot) % 4]
+        return (ts, dev_id, name, key, dtype, num, sv), (h >> 24) % 997 == 0
+
+    def _end(self, now_ms: int) -> int:
+        ticks = (now_ms - self.t0) // self.iv + 1 if self.live else self.n_ticks
+        return max(0, ticks) * self.series
+
+    def _scan(self, lo: int | None, hi: int | None, reverse: bool, now_ms: int) -> Iterator[Row]:
+        start, end = 0, self._end(now_ms)
+        if lo is not None:
+            start = max(0, ((lo - self.t0) // self.iv - 1) * self.series)
+        if hi is not None:
+            end = min(end, max(0, ((hi - self.t0) // self.iv + 2) * self.series))
+        for p in range(end - 1, start - 1, -1) if reverse else range(start, end):
+            row, dup = self._row(p, now_ms)
+            if row is not None:
+                yield row
+                if dup:
+                    yield row
+
+    def _alerts(self, now_ms: int) -> list[dict[str, Any]]:
+        n = max(self.n_alerts, (now_ms - self.t0) // self.alert_iv + 1) if self.live else self.n_alerts
+        out = []
+        for i in range(n):
+            h = _mix(self.seed + 77, i)
+            created = self.t0 + i * self.alert_iv + h % self.alert_iv
+            if created > now_ms:
+                break
+            slot = self.slots[(h >> 8) % self.series]
+            tz = timezone(timedelta(hours=2)) if i % 3 == 2 else UTC  # a server in CEST renders its offset
+            age = now_ms - created
+            status = "Active" if age < 1_800_000 else ("Acknowledged", "Resolved")[(h >> 16) & 1]
+            out.append({"Id": i + 1, "DeviceId": slot[1], "RuleId": 1 + (h >> 20) % len(RULES),
+                        "Severity": SEVERITIES[(h >> 24) % 3], "Message": f"{slot[3]} out of range on {slot[2]}",
+                        "Status": status, "CreatedOn": (EPOCH + timedelta(milliseconds=created)).astimezone(tz)})
+        return out
+
+    def _entities(self, name: str, now_ms: int) -> list[dict[str, Any]] | None:
+        gateways = max(1, (len(self.dev_ids) + 2) // 3)
+        if name == "Device":
+            return [{"Id": i, "Name": n, "GatewayId": 1 + k % gateways, "Enabled": True,
+                     "Status": "Active" if k % 4 != 3 else "Inactive"}
+                    for k, (i, n) in enumerate(zip(self.dev_ids, self.dev_names, strict=True))]
+        if name == "Gateway":
+            return [{"Id": g + 1, "Name": f"Edge-GW-{g + 1}", "Status": "Active"} for g in range(gateways)]
+        if name == "Rule":
+            return [{"Id": r + 1, "Name": n, "Enabled": True} for r, n in enumerate(RULES)]
+        if name == "Alert":
+            return self._alerts(now_ms)
+        if name in ("RuleAction", "TargetProfile", "DeviceProfile", "NotificationChannel"):
+            return []
+        return None
+
+    def ground_truth(self) -> list[TruthRow]:
+        now_ms = int(self.clock() * 1000)
+        out: dict[tuple[str, str, str, int], TruthRow] = {}
+        for r in self._scan(None, now_ms - LAG_MS, False, now_ms):
+            if r[0] <= now_ms - LAG_MS:
+                value = None if r[4] == STRING or math.isnan(r[5]) else r[5]
+                text = r[6] if r[6] or r[4] == STRING else None
+                out.setdefault(("telemetry", str(r[1]), r[3], r[0]), TruthRow(
+                    "proxus", "telemetry", self.tenant, str(r[1]), r[3], r[0], value, text))
+        for a in self._alerts(now_ms):
+            ts = (a["CreatedOn"] - EPOCH) // timedelta(milliseconds=1)
+            if ts <= now_ms - LAG_MS:
+                out.setdefault(("alert", str(a["DeviceId"]), "alert", ts), TruthRow(
+                    "proxus", "alert", self.tenant, str(a["DeviceId"]), "alert", ts, None, a["Message"]))
+        return list(out.values())
+
+    def source_config(self) -> dict[str, Any]:
+        return {"vendor": "proxus", "base_url": self.url, "username": self.username, "password": self.password}
+
+    def expire_tokens(self) -> None:
+        """Revoke every token issued so far (expiry before `exp`); a fresh login works again."""
+        self._revoked_upto = self._jti
+
+    # -- HTTP --------------------------------------------------------------
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/_sim/proxus", self._h_control)
+        app.router.add_post("/api/Authentication/Authenticate", self._h_login)
+        app.router.add_get(r"/api/odata/{entity}{count:(/\$count)?}", self._h_odata)
+        app.router.add_post("/api/Telemetry/execute", self._h_execute)
+        app.router.add_route("*", "/{tail:.*}", self._h_missing)
+
+    def error(self, status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        """ASP.NET Core shapes: OData JSON error on 400, text on 5xx, empty body otherwise."""
+        if status == 401:
+            headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
+        if status == 400:
+            return web.json_response({"error": {"code": "", "message": message}}, status=400, headers=headers)
+        if status >= 500:
+            return web.Response(status=status, text=message, headers=headers)
+        return web.Response(status=status, headers=headers)
+
+    async def _h_control(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if "late" in body:
+            self.late = bool(body["late"])
+        if body.get("expire_tokens"):
+            self.expire_tokens()
+        return web.json_response({"late": self.late, "revoked_upto": self._revoked_upto})
+
+    async def _h_missing(self, request: web.Request) -> web.Response:
+        return self.error(404, "Not Found")
+
+    async def _h_login(self, request: web.Request) -> web.Response:
+        if request.content_type != "application/json":
+            return web.Response(status=415)
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return self.error(400, "The request body is not valid JSON.")
+        if not isinstance(body, dict) or body.get("userName") != self.username or body.get("password") != self.password:
+            return web.Response(status=401)
+        self._jti += 1
+        self._logins += 1
+        now = int(self.clock())
+        claims = {"unique_name": self.username, "jti": str(self._jti), "nbf": now, "iat": now,
+                  "exp": now + int(self.token_ttl), "iss": "Proxus", "aud": "Proxus"}
+        signing = _b64(b'{"alg":"HS256","typ":"JWT"}') + "." + _b64(json.dumps(claims).encode())
+        token = signing + "." + _b64(hmac.new(self._secret, signing.encode(), hashlib.sha256).digest())
+        quoted = self.token_style == "quoted" or (self.token_style == "alternate" and self._logins % 2 == 1)
+        if quoted:
+            return web.Response(text=json.dumps(token), content_type="application/json")
+        return web.Response(text=token + "\n", content_type="text/plain")
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        """None when the bearer token is good, else the JwtBearer 401 challenge."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return self.error(401, "")
+        try:
+            signing, _, sig = token.strip().rpartition(".")
+            good = hmac.new(self._secret, signing.encode(), hashlib.sha256).digest()
+            if not hmac.compare_digest(_b64(good).encode(), sig.encode()):
+                raise ValueError
+            payload = signing.split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (ValueError, IndexError):
+            return self.error(401, "", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        exp = int(claims["exp"])
+        if self.faults.expired or exp <= self.clock() or int(claims["jti"]) <= self._revoked_upto:
+            at = datetime.fromtimestamp(min(exp, self.clock()), UTC).strftime("%m/%d/%Y %H:%M:%S")
+            challenge = f'Bearer error="invalid_token", error_description="The token expired at \'{at}\'"'
+            return self.error(401, "", {"WWW-Authenticate": challenge})
+        return None
+
+    def _odata_items(self, request: web.Request) -> tuple[str, list[dict[str, Any]], set[str]] | web.Response:
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        name = request.match_info["entity"]
+        items = self._entities(name, int(self.clock() * 1000))
+        if items is None:
+            return self.error(404, "")
+        unknown = [k for k in request.query if k.startswith("$") and k not in ODATA_OPTIONS]
+        if unknown:
+            return self.error(400, f"The query parameter '{unknown[0]}' is not supported.")
+        if not items:  # nothing to filter (and no sample row to type-check the filter against)
+            return name, [], set()
+        props = {k: type(v) for k, v in items[0].items()}
+        try:
+            if "$filter" in request.query:
+                keep = ODataFilter(request.query["$filter"], props).pred
+                items = [e for e in items if keep(e)]
+        except ODataError as err:
+            return self.error(400, f"{INVALID_URI} {err}")
+        return name, items, set(props)
+
+    async def _h_odata(self, request: web.Request) -> web.Response:
+        got = self._odata_items(request)
+        if isinstance(got, web.Response):
+            return got
+        name, items, props = got
+        if request.match_info["count"]:  # /$count: the filtered total as a plain-text integer
+            return web.Response(text=str(len(items)), content_type="text/plain")
+        q = request.query
+        try:
+            top = int(q["$top"]) if "$top" in q else None
+            skip = int(q.get("$skip", "0"))
+            if skip < 0 or (top is not None and top < 0):
+                raise ValueError
+        except ValueError:
+            return self.error(400, f"{INVALID_URI} $top/$skip must be non-negative integers.")
+        select = [s.strip() for s in q["$select"].split(",")] if "$select" in q else None
+        for clause in reversed([c.strip() for c in q.get("$orderby", "").split(",") if c.strip()]):
+            prop, _, direction = clause.partition(" ")
+            if prop not in props or direction.strip() not in ("", "asc", "desc"):
+                return self.error(400, f"{INVALID_URI} Bad $orderby '{clause}'.")
+            items = sorted(items, key=operator.itemgetter(prop), reverse=direction.strip() == "desc")
+        if select and any(s not in props for s in select):
+            return self.error(400, f"{INVALID_URI} Could not find a property in '{q['$select']}'.")
+        window = items[skip: None if top is None else skip + top]
+        page = window[: self.odata_page_size]
+        base = f"{request.url.origin()}/api/odata/$metadata#{name}" + (f"({','.join(select)})" if select else "")
+        out: dict[str, Any] = {"@odata.context": base}
+        if q.get("$count") == "true":
+            out["@odata.count"] = len(items)
+        out["value"] = [{k: _odata_value(e[k]) for k in (select or e)} for e in page]
+        if len(window) > len(page):
+            nxt = dict(q) | {"$skip": str(skip + len(page))}
+            if top is not None:
+                nxt["$top"] = str(top - len(page))
+            out["@odata.nextLink"] = str(request.url.with_query(nxt))
+        return web.json_response(out, dumps=dumps)
+
+    async def _h_execute(self, request: web.Request) -> web.StreamResponse:
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        if request.content_type != "application/json":
+            return web.Response(status=415)
+        try:
+            body = json.loads(await request.read())
+            text = body["query"]
+            if not isinstance(text, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": 'Request body must be {"query": "SELECT ..."}'}, status=400)
+        self.statements.append(text)
+        raw = request.query.get("maxRows", str(DEFAULT_MAX_ROWS))
+        max_rows = int(raw) if raw.isdigit() else -1
+        now_ms = int(self.clock() * 1000)
+        try:
+            if not 1 <= max_rows <= MAX_ROWS:
+                raise SqlError(f"maxRows must be an integer between 1 and {MAX_ROWS}")
+            query = Query(text, now_ms)
+        except SqlError as err:
+            return web.json_response({"error": str(err)}, status=400)
+        lines = self._execute(query, max_rows, now_ms)
+        if self.faults.truncate > 0:  # a plain body, so the shared middleware cuts it mid-line
+            return web.Response(text="".join(line + "\n" for line in lines), content_type="text/plain")
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        chunk: list[str] = []
+        for line in lines:
+            chunk.append(line + "\n")
+            if len(chunk) >= 500:
+                await response.write("".join(chunk).encode())
+                chunk.clear()
+        if chunk:
+            await response.write("".join(chunk).encode())
+        await response.write_eof()
+        return response
+
+    def _execute(self, q: Query, max_rows: int, now_ms: int) -> Iterator[str]:
+        """JSONEachRow lines; the result is cut at min(LIMIT, maxRows) without any marker."""
+        cap = max_rows if q.limit is None else min(q.limit, max_rows)
+        if cap == 0:
+            return
+        forward = q.order == NATURAL[: len(q.order)]
+        backward = bool(q.order) and q.order == [(c, True) for c, _ in NATURAL[: len(q.order)]]
+        matches: Iterator[Row] = (r for r in self._scan(q.lo, q.hi, backward, now_ms) if q.pred(r))
+        if q.count:
+            yield f'{{"count()":"{sum(1 for _ in matches)}"}}'  # UInt64 is quoted in JSON output
+            return
+        if not (forward or backward):
+            rows = list(matches)
+            for col, desc in reversed(q.order):  # stable sorts, last key first
+                rows.sort(key=_sort_key(IDX[col]), reverse=desc)
+            matches = iter(rows)
+        for n, r in enumerate(matches):
+            if n >= cap:
+                return
+            yield _json_line(r, q.cols)
+
+
+def _sort_key(i: int) -> Callable[[Row], Any]:
+    if COLUMNS[i] == "NumericValue":  # NaN sorts after every number
+        return lambda r: (math.isnan(r[5]), r[5])
+    return operator.itemgetter(i)
+
+
+def _json_line(r: Row, cols: list[str]) -> str:
+    return "{" + ",".join(f'"{c}":{RENDER[c](r[IDX[c]])}' for c in cols) + "}"
+
+
+def _odata_value(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return v.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return v

@@ -1,0 +1,61 @@
+"""Test helpers: run syncd as a subprocess, read the embedded store from another process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from syncd.sim.common import VendorSim
+from syncd.sim.server import config_toml
+
+QUERY_SCRIPT = r"""
+import json, sys
+import clickhouse_connect
+client = clickhouse_connect.get_client(dsn=sys.argv[1])
+out = []
+for sql in json.loads(sys.stdin.read()):
+    out.append([list(r) for r in client.query(sql).result_rows])
+client.close()
+print(json.dumps(out, default=str))
+"""
+
+
+def write_config(tmp: Path, sims: list[VendorSim], extra: str = "") -> Path:
+    data = tmp / "data"
+    path = tmp / "syncd.toml"
+    path.write_text(config_toml(sims, str(data)) + "\n" + extra)
+    return path
+
+
+def syncd(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "syncd", *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+def popen_syncd(*args: str, stderr: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "syncd", *args], stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def ch(data_dir: Path, *sql: str) -> list[list[list[Any]]]:
+    """Run queries against the embedded store at data_dir/clickhouse in a separate process."""
+    dsn = f"chdb://{(data_dir / 'clickhouse').resolve()}"
+    r = subprocess.run([sys.executable, "-c", QUERY_SCRIPT, dsn], input=json.dumps(list(sql)), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def stored_keys(data_dir: Path, vendor: str) -> dict[tuple[str, str, str, str, int], tuple[Any, Any]]:
+    """(kind, tenant, device, metric, ts_ms) → (value, text) over events FINAL."""
+    (rows,) = ch(data_dir, "SELECT kind, tenant, device, metric, toUnixTimestamp64Milli(ts), value, text "
+                           f"FROM syncd.events FINAL WHERE vendor = '{vendor}'")
+    return {(r[0], r[1], r[2], r[3], int(r[4])): (r[5], r[6]) for r in rows}
+
+
+def truth_keys(sim: VendorSim) -> dict[tuple[str, str, str, str, int], tuple[Any, Any]]:
+    return {(t.kind, t.tenant, t.device, t.metric, t.ts_ms): (t.value, t.text) for t in sim.ground_truth()}
