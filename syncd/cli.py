@@ -79,7 +79,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return asyncio.run(run(settings, once=args.once))
     if args.command == "demo":
-        configure_logging("console" if sys.stderr.isatty() else "json")
+        import logging
+
+        configure_logging("console" if sys.stderr.isatty() else "json", level=logging.WARNING)  # progress is on stdout
         from syncd.demo import demo
 
         return asyncio.run(demo(Path(args.data_dir), args.duration, mqtt_url=args.mqtt, seed=args.seed))

@@ -87,7 +87,7 @@ class Source(ABC):
 
     def event(self, kind: str, tenant: str, device: str, metric: str, ts_ms: int, value: float | None = None,
               text: str | None = None, attrs: dict[str, str] | None = None) -> Event:
-        return Event.model_construct(
+        return Event(
             source=self.name, vendor=self.vendor, kind=kind, tenant=tenant, device=device, metric=metric,
             ts_ms=ts_ms, value=value, text=text, attrs=attrs or {},
         )

@@ -64,6 +64,7 @@ class IotOpenSource(Source):
         self.token: str | None = self.config.api_key.get_secret_value() if self.config.api_key else None
         self.installations: dict[str, Installation] = {}
         self.functions: dict[str, dict[str, FunctionX]] = {}  # installation → topic → function
+        self._labels: dict[tuple[str, str, Any], tuple[str, dict[str, str]]] = {}
 
     # -- auth ---------------------------------------------------------------------------------------
 
@@ -127,6 +128,7 @@ class IotOpenSource(Source):
             if isinstance(topic, str) and topic:
                 by_topic[topic] = fn
         self.functions[inst_id] = by_topic
+        self._labels = {k: v for k, v in self._labels.items() if k[0] != inst_id}
 
     # -- data ---------------------------------------------------------------------------------------
 
@@ -204,6 +206,15 @@ class IotOpenSource(Source):
         return Page(events, nxt, done=False, dead=dead, lag_s=lag)
 
     def _event(self, kind: str, tenant: str, item: LynxValue, ts_ms: int) -> Any:
+        key = (tenant, item.topic, item.client_id)
+        found = self._labels.get(key)
+        if found is None:
+            found = self._labels[key] = self._label(tenant, item)
+        device, attrs = found
+        return self.event(kind, tenant, device, item.topic, ts_ms, item.value, item.msg or None, attrs)
+
+    def _label(self, tenant: str, item: LynxValue) -> tuple[str, dict[str, str]]:
+        """Device and attrs of a topic (cached: the same for every value of the topic until rediscovery)."""
         fn = self.functions.get(tenant, {}).get(item.topic)
         inst = self.installations.get(tenant)
         attrs: dict[str, str] = {}
@@ -219,4 +230,4 @@ class IotOpenSource(Source):
                     attrs[key] = str(fn.meta[key])
         else:
             device = attrs.get("client_id", "")
-        return self.event(kind, tenant, device, item.topic, ts_ms, item.value, item.msg or None, attrs)
+        return device, attrs
