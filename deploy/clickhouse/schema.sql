@@ -1,0 +1,72 @@
+-- syncd schema for database `syncd`
+
+-- migration 1: events
+CREATE DATABASE IF NOT EXISTS `syncd`;
+CREATE TABLE IF NOT EXISTS `syncd`.`events` (
+    event_id UInt64,
+    source LowCardinality(String),
+    vendor LowCardinality(String),
+    kind LowCardinality(String),
+    tenant String,
+    device String,
+    metric String,
+    ts DateTime64(3, 'UTC') CODEC(Delta, ZSTD),
+    value Nullable(Float64) CODEC(Gorilla, ZSTD),
+    text Nullable(String),
+    attrs Map(LowCardinality(String), String),
+    ingested_at DateTime64(3, 'UTC') CODEC(Delta, ZSTD)
+) ENGINE = ReplacingMergeTree(ingested_at)
+PARTITION BY toYYYYMM(ts)
+ORDER BY (vendor, tenant, device, metric, kind, ts)
+SETTINGS index_granularity = 8192, non_replicated_deduplication_window = 10000;
+CREATE TABLE IF NOT EXISTS `syncd`.`schema_migrations` (version UInt32, name String, applied_at DateTime64(3, 'UTC')) ENGINE = ReplacingMergeTree(applied_at) ORDER BY version;
+
+-- migration 2: latest
+CREATE TABLE IF NOT EXISTS `syncd`.`latest` (
+    vendor LowCardinality(String),
+    tenant String,
+    device String,
+    metric String,
+    kind LowCardinality(String),
+    source LowCardinality(String),
+    ts DateTime64(3, 'UTC'),
+    value Nullable(Float64),
+    text Nullable(String),
+    attrs Map(LowCardinality(String), String)
+) ENGINE = ReplacingMergeTree(ts)
+ORDER BY (vendor, tenant, device, metric, kind);
+CREATE MATERIALIZED VIEW IF NOT EXISTS `syncd`.`latest_mv` TO `syncd`.`latest` AS
+SELECT vendor, tenant, device, metric, kind, source, ts, value, text, attrs FROM `syncd`.`events`;
+
+-- migration 3: dead_letter
+CREATE TABLE IF NOT EXISTS `syncd`.`dead_letter` (
+    at DateTime64(3, 'UTC'),
+    source LowCardinality(String),
+    vendor LowCardinality(String),
+    stream String,
+    reason String,
+    payload String
+) ENGINE = MergeTree()
+PARTITION BY toYYYYMM(at)
+ORDER BY (source, stream, at)
+SETTINGS index_granularity = 8192, non_replicated_deduplication_window = 10000;
+
+-- migration 4: sync_status
+CREATE TABLE IF NOT EXISTS `syncd`.`sync_status` (
+    source LowCardinality(String),
+    vendor LowCardinality(String),
+    stream String,
+    kind LowCardinality(String),
+    instance LowCardinality(String),
+    ok UInt8,
+    cursor String,
+    events UInt64,
+    pages UInt32,
+    duration_s Float64,
+    lag_s Nullable(Float64),
+    error String,
+    last_success Nullable(DateTime64(3, 'UTC')),
+    updated_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(updated_at)
+ORDER BY (source, stream)
+SETTINGS index_granularity = 8192, non_replicated_deduplication_window = 10000;

@@ -1,0 +1,42 @@
+"""Migrations are idempotent; the spool commits pages with cursors and replays a batch with the same token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from syncd.spool import Spool
+from tests.helpers import syncd
+
+
+def test_schema_prints_and_applies_idempotently(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[syncd]\ndata_dir = "{tmp_path}/data"\n')
+    printed = syncd("schema", "--config", str(cfg))
+    assert printed.returncode == 0 and "ReplacingMergeTree(ingested_at)" in printed.stdout
+    assert "non_replicated_deduplication_window" in printed.stdout
+    first = syncd("schema", "--config", str(cfg), "--apply")
+    assert first.returncode == 0 and "[1, 2, 3, 4]" in first.stdout, first.stderr
+    again = syncd("schema", "--config", str(cfg), "--apply")
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_spool_page_and_cursor_commit_together_and_batches_replay(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "state.db")
+    spool.register_sinks(["clickhouse"])
+    spool.commit_page("s", "log/1", {"e": [[1], [2]]}, {"offset": 2})
+    spool.commit_page("s", "log/1", {"e": [[3]]}, {"offset": 3})
+    assert spool.get_cursor("s", "log/1") == {"offset": 3}
+    batch = spool.next_batch("clickhouse", 10)
+    assert batch is not None and batch.rows == 3
+    spool.close()
+    # a crash before ack: the same range comes back with the same token
+    spool = Spool(tmp_path / "state.db")
+    spool.commit_page("s", "log/1", {"e": [[4]]}, {"offset": 4})
+    again = spool.next_batch("clickhouse", 10)
+    assert again is not None and again.token == batch.token and again.rows == 3
+    spool.ack(again)
+    rest = spool.next_batch("clickhouse", 10)
+    assert rest is not None and rest.rows == 1 and rest.token != batch.token
+    spool.ack(rest)
+    assert spool.next_batch("clickhouse", 10) is None and spool.pending_bytes == 0
+    spool.close()
