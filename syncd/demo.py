@@ -54,7 +54,7 @@ async def demo(data_dir: Path, duration: float, *, mqtt_url: str = "", seed: int
             stored = daemon.metrics.total("syncd_sink_rows_total")
             rate = (events - last_events) / max(1e-6, now - last_t)
             last_events, last_t = events, now
-            lags = {}
+            lags: dict[str, float] = {}
             for st in daemon.syncer.states.values():
                 if st.lag_s is not None:
                     lags[st.source] = max(lags.get(st.source, 0.0), st.lag_s)

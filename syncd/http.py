@@ -157,7 +157,7 @@ class VendorClient:
     ) -> None:
         self.session, self.bucket = session, bucket
         self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self.ssl: bool | None = None if tls_verify else False
+        self.ssl = bool(tls_verify)  # True: default verification; False: off (tls_verify = false)
         self.retry, self.map_error, self.sleep = retry, map_error, sleep
         self.gate = asyncio.Semaphore(concurrency)
         self.rng = random.Random(seed)

@@ -103,7 +103,7 @@ class _Redactor:
     def __init__(self, secrets: list[str]) -> None:
         self.secrets = [s for s in secrets if len(s) >= 4]
 
-    def __call__(self, _: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, _: Any, __: str, event: Any) -> Any:
         if not self.secrets:
             return event
         for key, value in event.items():

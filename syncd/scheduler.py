@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 import uuid
@@ -133,7 +134,7 @@ class Syncer:
             cursor = await self.spool.run(self.spool.get_cursor, source_name, stream_name)
             while not self.stop.is_set():
                 await self.room()
-                page = await self._with_relogin(st, lambda c=cursor: source.fetch(stream, c))
+                page = await self._with_relogin(st, functools.partial(source.fetch, stream, cursor))
                 payload = {"src": source_name, "vendor": source.vendor, "stream": stream_name,
                            "e": [e.row() for e in page.events], "d": [[d.reason, d.payload] for d in page.dead]}
                 await self.spool.run(self.spool.commit_page, source_name, stream_name, payload, page.cursor)

@@ -210,7 +210,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", frozen=True)
 
     syncd: DaemonSettings = DaemonSettings()
-    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()  # type: ignore[call-arg]
     spool: SpoolSettings = SpoolSettings()
     mqtt: MqttSettings | None = None
     sources: list[SourceSettings] = []

@@ -369,7 +369,7 @@ class IotoSim(VendorSim):
         if back:
             nxt, prv = (picked[-1] if picked else pos - 1), (picked[0] if full and picked[0] > 0 else None)
         else:
-            nxt, prv = (picked[-1] if full else None), ((picked[0] if picked else pos) if pos > 0 else None)
+            nxt, prv = (picked[-1] if full else None), ((picked[0] if picked else pos) if pos > 0 else None)  # type: ignore[assignment]
         if nxt is not None:
             out += ',"next":' + _dumps(_cursor("after", nxt, qkey))
         if prv is not None:
@@ -417,7 +417,7 @@ class IotoSim(VendorSim):
         elif model == "Log":
             n = self._logs.count(w, self.live)
             if "deviceId" in filters:
-                total, get = (len(range(d, n, n_dev)) if d is not None else 0), lambda i: self._log(d + i * n_dev)
+                total, get = (len(range(d, n, n_dev)) if d is not None else 0), lambda i: self._log(d + i * n_dev)  # type: ignore[operator]
             else:
                 total, get = n, self._log
         else:

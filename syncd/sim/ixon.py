@@ -187,7 +187,7 @@ class IxonSim(VendorSim):
             src = {"publicId": self._pid("source", a, s), "name": sname, "slug": slug, "disabled": False,
                    "protocol": {"publicId": proto, "name": proto}, "valuesPerHour": 60, "agent": ref,
                    "device": {"publicId": self._pid("device", a, s), "name": sname}}
-            self.sources[src["publicId"]] = src
+            self.sources[src["publicId"]] = src  # type: ignore[index]
             sources.append(src)
         changed = self.hist_end - self.history_ms // 3 + a * 7_001
         self.agent_objs.append({
@@ -690,7 +690,7 @@ def _aggregate(agg: str, values: list[Any]) -> Any:
         return None
     funcs = {"mean": statistics.fmean, "median": statistics.median, "sum": math.fsum, "max": max, "min": min,
              "spread": lambda xs: max(xs) - min(xs)}
-    return funcs[agg](nums)
+    return funcs[agg](nums)  # type: ignore[operator]
 
 
 def _shape(v: Any, factor: Any, op: str, decimals: int | None) -> Any:

@@ -120,8 +120,8 @@ SETTINGS index_granularity = 8192{dedup}""",
 
 def migrations_table(database: str, cluster: str = "") -> str:
     on = f" ON CLUSTER `{cluster}`" if cluster else ""
-    engine = "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/%s/schema_migrations', '{replica}', applied_at)" % (
-        database) if cluster else "ReplacingMergeTree(applied_at)"
+    replicated = f"ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/{database}/schema_migrations', '{{replica}}', applied_at)"
+    engine = replicated if cluster else "ReplacingMergeTree(applied_at)"
     return (f"CREATE TABLE IF NOT EXISTS `{database}`.`schema_migrations`{on} "
             f"(version UInt32, name String, applied_at DateTime64(3, 'UTC')) ENGINE = {engine} ORDER BY version")
 
