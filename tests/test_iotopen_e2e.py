@@ -121,6 +121,9 @@ def test_sigterm_stops_cleanly_and_flushes(tmp_path: Path) -> None:
         while time.monotonic() < deadline and not state.exists():
             time.sleep(0.2)
         time.sleep(4)
+        busy = syncd("query", "--config", str(cfg), "SELECT count() FROM syncd.events")
+        assert busy.returncode == 1 and "in use by another process" in busy.stderr, busy.stderr[-500:]
+        assert "Traceback" not in busy.stderr
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, err[-3000:]

@@ -7,8 +7,11 @@ is synchronous, so every call runs on the sink's own thread.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,21 +38,36 @@ class StoreLocked(RuntimeError):
 def connect(dsn: str, database: str = "default") -> Any:
     """A clickhouse-connect client for `chdb://path` or `http(s)://user:pass@host:port[/db]`."""
     if dsn.startswith("chdb://"):
-        try:
-            return clickhouse_connect.get_client(dsn=dsn)
-        except Exception as err:
-            if "lock" in str(err).lower() or "already" in str(err).lower():
-                raise StoreLocked(
-                    f"the embedded ClickHouse at {dsn[len('chdb://'):]} is in use by another process "
-                    "(is `syncd run` or `syncd demo` running on this data dir?)"
-                ) from err
-            raise
+        path = dsn[len("chdb://"):]
+        if _held_by_another_process(Path(path) / "status"):
+            raise StoreLocked(
+                f"the embedded ClickHouse at {path} is in use by another process "
+                "(is `syncd run` or `syncd demo` running on this data dir? stop it, or query a server DSN)"
+            )
+        return clickhouse_connect.get_client(dsn=dsn)
     parts = urlsplit(dsn)
     return clickhouse_connect.get_client(
         host=parts.hostname or "localhost", port=parts.port or (8443 if parts.scheme == "https" else 8123),
         username=parts.username or "default", password=parts.password or "", secure=parts.scheme == "https",
         database=(parts.path.strip("/") or database),
     )
+
+
+def _held_by_another_process(status_file: Path) -> bool:
+    """The engine keeps an exclusive flock on `<path>/status` while it runs (how ClickHouse guards a data dir)."""
+    try:
+        fd = os.open(status_file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def redact_dsn(dsn: str) -> str:
