@@ -6,10 +6,12 @@ import random
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 from syncd.sim.common import sims_in_thread
 from syncd.sim.iotopen import IotOpenSim
+from tests.conftest import free_port
 from tests.helpers import ch, popen_syncd, stored_keys, syncd, truth_keys, write_config
 
 
@@ -114,7 +116,9 @@ def test_sigterm_stops_cleanly_and_flushes(tmp_path: Path) -> None:
     sim = IotOpenSim(seed=16, installations=2, log_points=20_000)
     with sims_in_thread([sim]):
         cfg = write_config(tmp_path, [sim])
-        cfg.write_text(cfg.read_text().replace('interval = "5s"', 'interval = "5s"\npage_size = 500'))
+        port = free_port()
+        cfg.write_text(cfg.read_text().replace('interval = "5s"', 'interval = "5s"\npage_size = 500')
+                       .replace('http = ""', f'http = "127.0.0.1:{port}"'))
         proc = popen_syncd("run", "--config", str(cfg))
         deadline = time.monotonic() + 60
         state = tmp_path / "data" / "state.db"
@@ -124,6 +128,11 @@ def test_sigterm_stops_cleanly_and_flushes(tmp_path: Path) -> None:
         busy = syncd("query", "--config", str(cfg), "SELECT count() FROM syncd.events")
         assert busy.returncode == 1 and "in use by another process" in busy.stderr, busy.stderr[-500:]
         assert "Traceback" not in busy.stderr
+        base = f"http://127.0.0.1:{port}"
+        assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
+        assert urllib.request.urlopen(f"{base}/readyz", timeout=5).status == 200
+        metrics = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+        assert 'syncd_events_total{kind="log",source="iotopen-sim"}' in metrics
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, err[-3000:]
