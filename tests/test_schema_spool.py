@@ -40,3 +40,11 @@ def test_spool_page_and_cursor_commit_together_and_batches_replay(tmp_path: Path
     spool.ack(rest)
     assert spool.next_batch("clickhouse", 10) is None and spool.pending_bytes == 0
     spool.close()
+
+
+def test_deploy_ddl_is_what_syncd_schema_prints() -> None:
+    """deploy/clickhouse/schema.sql is generated (`syncd schema > ...`); it must not drift from the migrations."""
+    from syncd.sinks.schema import ddl_script
+
+    shipped = (Path(__file__).parent.parent / "deploy" / "clickhouse" / "schema.sql").read_text()
+    assert shipped == ddl_script("syncd")
