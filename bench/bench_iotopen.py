@@ -52,8 +52,7 @@ def main() -> None:
     with sims_in_thread([sim]), tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "syncd.toml"
         cfg.write_text(config_toml([sim], f"{tmp}/syncd").replace('interval = "5s"', 'interval = "5s"\nstart = "7d"')
-                       .replace('[[sources]]', '[[sources]]', 1))
-        cfg.write_text(cfg.read_text().replace('[[sources]]', '[clickhouse]\nbatch_rows = 50000\n\n[[sources]]', 1))
+                       .replace('[[sources]]', '[clickhouse]\nbatch_rows = 50000\n\n[[sources]]', 1))
         truth_logs = args.points
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "syncd", "run", "--config", str(cfg), "--once"],

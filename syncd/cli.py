@@ -65,15 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _settings(path: str | None) -> Settings:
-    return load(path)
-
-
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check":
         return _check(args.config)
     if args.command == "run":
-        settings = _settings(args.config)
+        settings = load(args.config)
         configure_logging(settings.syncd.log_format, settings.secrets())
         from syncd.app import run
 
@@ -86,11 +82,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return asyncio.run(demo(Path(args.data_dir), args.duration, mqtt_url=args.mqtt, seed=args.seed))
     if args.command == "schema":
-        return _schema(_settings(args.config), args.apply)
+        return _schema(load(args.config), args.apply)
     if args.command == "query":
-        return _query(_settings(args.config), args.sql)
+        return _query(load(args.config), args.sql)
     if args.command == "status":
-        return _status(_settings(args.config))
+        return _status(load(args.config))
     if args.command == "sim":
         configure_logging("console" if sys.stderr.isatty() else "json")
         from syncd.sim.server import serve

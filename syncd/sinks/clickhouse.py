@@ -27,8 +27,9 @@ log = structlog.get_logger("syncd.clickhouse")
 
 EVENT_COLUMNS = [*COLUMNS, "ingested_at"]
 DEAD_COLUMNS = ["at", "source", "vendor", "stream", "reason", "payload"]
-STATUS_COLUMNS = ["source", "vendor", "stream", "kind", "instance", "ok", "cursor", "events", "pages", "duration_s",
-                  "lag_s", "error", "last_success", "updated_at"]
+# The order the syncer spools a status record in (scheduler.Syncer._finish), plus the instance added here.
+STATUS_COLUMNS = ["source", "vendor", "stream", "kind", "ok", "cursor", "events", "pages", "duration_s",
+                  "lag_s", "error", "last_success", "updated_at", "instance"]
 
 
 class StoreLocked(RuntimeError):
@@ -138,7 +139,7 @@ class ClickHouseSink(Sink):
                                settings={"insert_deduplication_token": batch.token + "-d"})
         status = [[*s, self.instance] for p in batch.pages for s in p.get("s", ())]
         if status:
-            self.client.insert(f"`{self.database}`.sync_status", [_status_row(s) for s in status],
+            self.client.insert(f"`{self.database}`.sync_status", status,
                                column_names=STATUS_COLUMNS, settings={"insert_deduplication_token": batch.token + "-s"})
 
     def query(self, sql: str) -> Any:
@@ -153,8 +154,3 @@ class ClickHouseSink(Sink):
             self.client.close()
             self.client = None
 
-
-def _status_row(s: list[Any]) -> list[Any]:
-    """Spooled status tuple (see app.status_record) plus instance, in STATUS_COLUMNS order."""
-    source, vendor, stream, kind, ok, cursor, events, pages, duration, lag, error, last_success, updated, instance = s
-    return [source, vendor, stream, kind, instance, ok, cursor, events, pages, duration, lag, error, last_success, updated]
