@@ -143,8 +143,10 @@ class IxonSim(VendorSim):
     def __init__(self, seed: int = 1, *, clock: Any = time.time, live: bool = False, agents: int = 3,
                  tags_per_agent: int = 24, points_per_tag: int = 240, history: float = 86400.0, alarms: int = 6,
                  page_size: int = 20, max_page_size: int = 4000,
-                 rate_limit: tuple[int, int] | None = (50, 3000), buffer: int = 250) -> None:
+                 rate_limit: tuple[int, int] | None = (50, 3000), buffer: int = 250,
+                 rels: dict[str, str] | None = None) -> None:
         super().__init__(seed, clock=clock)
+        self.rels = {**self.RELS, **(rels or {})}  # rel -> path under /api/: serve a rel elsewhere to test discovery
         self.faults = IxonFaults()
         self.live, self.page_size, self.max_page_size = live, page_size, max_page_size
         self.anchor = clock()
@@ -342,15 +344,15 @@ class IxonSim(VendorSim):
     def add_routes(self, app: web.Application) -> None:
         r = app.router
         r.add_get("/api/", self._wrap(self._h_discovery, bearer=False))
-        r.add_post("/api/access-tokens", self._wrap(self._h_login, bearer=False))
-        r.add_delete("/api/access-tokens/{publicId}", self._wrap(self._h_delete_token))
-        r.add_get("/api/companies", self._wrap(self._h_companies))
-        r.add_get("/api/agents", self._wrap(self._h_agents, company=True))
-        r.add_get("/api/agents/{agentId}", self._wrap(self._h_agent, company=True))
-        r.add_get("/api/agents/{agentId}/data-sources", self._wrap(self._h_sources, company=True))
-        r.add_get("/api/agents/{agentId}/data-tags", self._wrap(self._h_tags, company=True))
-        r.add_get("/api/agents/{agentId}/data-alarm-occurrences", self._wrap(self._h_alarms, company=True))
-        r.add_post("/api/cloud-logging/data-lists", self._wrap(self._h_data, company=True))
+        r.add_post(self._path("AccessTokenList"), self._wrap(self._h_login, bearer=False))
+        r.add_delete(self._path("AccessToken"), self._wrap(self._h_delete_token))
+        r.add_get(self._path("CompanyList"), self._wrap(self._h_companies))
+        r.add_get(self._path("AgentList"), self._wrap(self._h_agents, company=True))
+        r.add_get(self._path("Agent").replace("{publicId}", "{agentId}"), self._wrap(self._h_agent, company=True))
+        r.add_get(self._path("AgentDataSourceList"), self._wrap(self._h_sources, company=True))
+        r.add_get(self._path("AgentDataTagList"), self._wrap(self._h_tags, company=True))
+        r.add_get(self._path("AgentDataAlarmOccurrenceList"), self._wrap(self._h_alarms, company=True))
+        r.add_post(self._path("DataList"), self._wrap(self._h_data, company=True))
         r.add_route("*", "/{tail:.*}", self._wrap(self._h_missing, bearer=False, headers=False))
 
     RELS = {"AccessRecoverList": "access-recover", "AccessTokenList": "access-tokens",
@@ -359,6 +361,9 @@ class IxonSim(VendorSim):
             "AgentDataTagList": "agents/{agentId}/data-tags",
             "AgentDataAlarmOccurrenceList": "agents/{agentId}/data-alarm-occurrences",
             "DataList": "cloud-logging/data-lists"}
+
+    def _path(self, rel: str) -> str:
+        return f"/api/{self.rels[rel]}"
 
     def _wrap(self, fn: Any, *, bearer: bool = True, company: bool = False, headers: bool = True) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -410,7 +415,7 @@ class IxonSim(VendorSim):
 
     async def _h_discovery(self, request: web.Request, _: Any) -> web.Response:
         root = self._root(request)
-        data = [{"rel": rel, "href": f"{root}/api/{path}"} for rel, path in self.RELS.items()]
+        data = [{"rel": rel, "href": f"{root}/api/{path}"} for rel, path in self.rels.items()]
         return self._ok("Discovery", data)
 
     async def _h_login(self, request: web.Request, _: Any) -> web.Response:
