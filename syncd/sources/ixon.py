@@ -1,0 +1,378 @@
+"""IXON Cloud APIv2: agents → logged data tags (`telemetry` via DataList), alarm occurrences (`alert`), agent `status`.
+
+Brief: shared/vendors/ixon.md. Every path comes from the discovery resource; assumptions live in the constants below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import orjson
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+from syncd.errors import MalformedResponse, RequestRejected, VendorAuthError
+from syncd.events import Event, ms_to_iso, parse_iso_ms
+from syncd.http import default_error
+from syncd.settings import IxonSource as IxonConfig
+from syncd.settings import start_ms
+from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter
+
+API_VERSION = "2"  # required header on every call [S]
+# Only used when discovery does not name a rel [A: brief §1, "fall back to the paths below"].
+FALLBACK_PATHS = {"AgentList": "agents", "AgentDataTagList": "agents/{agentId}/data-tags",
+                  "AgentDataAlarmOccurrenceList": "agents/{agentId}/alarm-occurrences", "DataList": "data"}
+LIST_PAGE_SIZE = 500  # `page-size`: name, default and maximum undocumented [A]; `page_size` in the config overrides
+DATALIST_LIMIT = 5000  # documented maximum points per DataList query [D-oas]
+REQUESTS_PER_POST = 20  # DataList request objects (one per tag) per POST [A: bounds one answer to 100k points]
+DATA_LAG_S = 60  # history is read up to now minus this: agents upload logged values in batches [A]
+REF = "v"  # the query `ref` the values come back under; one tag per request object, so one ref suffices
+AGENT_FIELDS = "publicId,name,deviceId,serialNumber,activeStatus,activeVpnSession,mqttChangedOn"
+TAG_FIELDS = "publicId,tagId,name,slug,source.publicId,retentionPolicy,variable(type,unit)"
+ALARM_FIELDS = "publicId,alarm(name,severity),occurredOn,rtnOn,acknowledged,comment"
+
+
+def _iso_ms(value: Any) -> int:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time string")
+    try:
+        return parse_iso_ms(value)
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 date-time: {value[:40]!r}") from None
+
+
+IsoMs = Annotated[int, BeforeValidator(_iso_ms)]
+
+
+class _Raw(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Agent(_Raw):
+    publicId: str
+    name: str = ""
+    deviceId: str | None = None
+    serialNumber: str | None = None
+    activeStatus: str | None = None
+    activeVpnSession: dict[str, Any] | None = None
+    mqttChangedOn: IsoMs | None = None
+
+
+class PublicRef(_Raw):
+    publicId: str
+
+
+class Variable(_Raw):
+    type: str = ""
+    unit: str | None = None
+
+
+class DataTag(_Raw):
+    tagId: int
+    slug: str
+    name: str = ""
+    source: PublicRef
+    retentionPolicy: str | None = None
+    variable: Variable | None = None
+
+
+class Alarm(_Raw):
+    name: str
+    severity: str = ""
+
+
+class Occurrence(_Raw):
+    publicId: str
+    alarm: Alarm
+    occurredOn: IsoMs
+    rtnOn: IsoMs | None = None
+    acknowledged: bool | None = None
+    comment: str | None = None
+
+
+class Point(_Raw):
+    time: IsoMs
+    values: dict[str, Any]
+
+
+def ixon_error(status: int, headers: Mapping[str, str], body: bytes, url: str) -> Exception | None:
+    """The default mapping, with the envelope's message and offending property in the text of 4xx errors."""
+    err = default_error(status, headers, body, url)
+    if not isinstance(err, VendorAuthError | RequestRejected):
+        return err  # 429 bodies are not the envelope [S: undocumented]; 5xx may be gateway pages
+    try:
+        detail = orjson.loads(body)["data"][0]
+        reason = f"{detail['message']}" + (f" ({detail['propertyName']})" if detail.get("propertyName") else "")
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return err
+    return type(err)(f"{'credential refused' if status == 401 else 'request rejected'} ({status}) by {url}: {reason}",
+                     status=status, body=err.body, url=url)
+
+
+def _items(data: Any) -> list[Any]:
+    """`data` is a list, or an object when one value is returned [D-oas]."""
+    return data if isinstance(data, list) else [] if data is None else [data]
+
+
+class IxonSource(Source):
+    vendor = "ixon"
+    default_streams = ("telemetry", "alert")
+    # One bucket must honour 50 req/s AND 3000 req/min [S]. A bucket lets through at most burst + rate·T in any
+    # T seconds: 5 + 40 = 45 per second and 5 + 40·60 = 2405 per minute, headroom for network jitter on both.
+    default_rate = 40.0
+    default_burst = 5
+    map_error = staticmethod(ixon_error)
+
+    config: IxonConfig
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.rels: dict[str, str] = {}  # discovery: rel → href (templated with {agentId} / {publicId})
+        self.tags: dict[str, dict[str, DataTag]] = {}  # agent → str(tagId) → tag
+        self.pending_dead: list[DeadLetter] = []  # inventory records that failed validation, out with the next page
+        self._attrs: dict[tuple[str, str], dict[str, str]] = {}
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        return {"Api-Version": API_VERSION, "Api-Application": self.config.application_id,
+                "Api-Company": self.config.company_id, "Authorization": f"Bearer {self.config.token.get_secret_value()}",
+                "Accept": "application/json"}
+
+    def _href(self, rel: str, agent: str = "") -> str:
+        href = self.rels.get(rel) or f"{self.config.base_url}/{FALLBACK_PATHS[rel]}"
+        ident = quote(agent, safe="")
+        return href.replace("{agentId}", ident).replace("{publicId}", ident)
+
+    async def _call(self, method: str, url: str, params: Any = None, json: Any = None) -> dict[str, Any]:
+        resp = await self.client.request(method, url, headers=self._headers(), params=params, json=json, expect_json=True)
+        body = resp.data
+        if not isinstance(body, dict) or body.get("status") != "success":
+            raise MalformedResponse(f"{method} {url.split('?')[0]}: not a success envelope", status=resp.status,
+                                    body=str(body)[:200], url=url)
+        return body
+
+    async def _list_page(self, rel: str, agent: str, fields: str, after: str | None,
+                         filters: str | None = None) -> tuple[list[Any], str | None]:
+        params = {"fields": fields, "page-size": str(self.config.page_size or LIST_PAGE_SIZE)}
+        if filters:
+            params["filters"] = filters
+        if after:
+            params["page-after"] = after  # opaque, may hold + and /: sent URL-encoded as a query parameter
+        body = await self._call("GET", self._href(rel, agent), params)
+        more = body.get("moreAfter")
+        return _items(body.get("data")), more if isinstance(more, str) and more else None
+
+    async def _list_all(self, rel: str, agent: str, fields: str) -> list[Any]:
+        items, after = await self._list_page(rel, agent, fields, None)
+        while after:
+            more, after = await self._list_page(rel, agent, fields, after)
+            items += more
+        return items
+
+    # -- inventory ----------------------------------------------------------------------------------
+
+    async def _discover_rels(self) -> None:
+        body = await self._call("GET", f"{self.config.base_url}/")
+        self.rels = {d["rel"]: d["href"] for d in _items(body.get("data"))
+                     if isinstance(d, dict) and isinstance(d.get("rel"), str) and isinstance(d.get("href"), str)}
+
+    async def discover(self) -> list[Stream]:
+        await self._discover_rels()  # re-read each time: hrefs are the vendor's to move
+        agents: list[str] = []
+        for raw in await self._list_all("AgentList", "", "publicId,name"):
+            try:  # only the id: a bad status field must not hide an agent's data
+                agents.append(PublicRef.model_validate(raw).publicId)
+            except ValidationError as err:
+                self.pending_dead.append(dead_letter(raw, err))
+        tenant, kinds, streams = self.config.company_id, self.enabled_kinds, []
+        for pid in agents:
+            if "telemetry" in kinds:
+                await self._load_tags(pid)
+            streams += [Stream(f"{kind}/{pid}", kind, tenant, {"agent": pid}) for kind in ("telemetry", "alert")
+                        if kind in kinds]
+        if "status" in kinds:
+            streams.append(Stream("status", "status", tenant))
+        return streams
+
+    async def _load_tags(self, agent: str) -> None:
+        tags: dict[str, DataTag] = {}
+        for raw in await self._list_all("AgentDataTagList", agent, TAG_FIELDS):
+            try:
+                tag = DataTag.model_validate(raw)
+            except ValidationError as err:
+                self.pending_dead.append(dead_letter({"agent": agent, "tag": raw}, err))
+                continue
+            tags[str(tag.tagId)] = tag
+        self.tags[agent] = tags
+        self._attrs = {k: v for k, v in self._attrs.items() if k[0] != agent}
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    async def fetch(self, stream: Stream, cursor: Any) -> Page:
+        if not self.rels:
+            await self._discover_rels()
+        if stream.kind == "telemetry":
+            page = await self._fetch_telemetry(stream, cursor)
+        elif stream.kind == "alert":
+            page = await self._fetch_alerts(stream, cursor)
+        else:
+            page = await self._fetch_status(stream, cursor or {})
+        if self.pending_dead:
+            page.dead[:0], self.pending_dead = self.pending_dead, []
+        return page
+
+    async def _fetch_telemetry(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
+        """DataList per tag from its watermark; a round pins `end` and pages full tags (5000 points) by time."""
+        agent, now_ms = stream.params["agent"], self.now_ms()
+        if agent not in self.tags:
+            await self._load_tags(agent)
+        tags = self.tags[agent]
+        cur = cursor or {"start": start_ms(self.config.start, now_ms), "wm": {}, "todo": None, "end": None}
+        first, wm = int(cur["start"]), dict(cur["wm"])
+        fresh = cur["todo"] is None
+        end = now_ms - DATA_LAG_S * 1000 if fresh else int(cur["end"])
+        todo = [k for k in (sorted(tags, key=int) if fresh else cur["todo"]) if k in tags and wm.get(k, first) < end]
+        batch, rest = todo[:REQUESTS_PER_POST], todo[REQUESTS_PER_POST:]
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        again: list[str] = []
+        if batch:
+            requests = [self._data_request(tags[k], wm.get(k, first), end) for k in batch]
+            # one request object is sent bare (answer: an object), several as a list (answer: a list) [D-oas]
+            body = await self._call("POST", self._href("DataList"), json=requests[0] if len(requests) == 1 else requests)
+            results = _items(body.get("data"))
+            if len(results) != len(batch):
+                raise MalformedResponse(f"DataList answered {len(results)} results for {len(batch)} requests",
+                                        url=self._href("DataList"))
+            for key, result in zip(batch, results, strict=True):
+                points = result.get("points") if isinstance(result, dict) else None
+                if not isinstance(points, list):
+                    dead.append(DeadLetter("points: missing from DataList result", str(result)[:2000]))
+                    continue
+                before = wm.get(key)
+                self._points(stream.tenant, agent, tags[key], points, before, wm, key, events, dead)
+                if len(points) >= DATALIST_LIMIT and wm.get(key) != before:
+                    again.append(key)  # cut at the limit: the next page starts at the newest point read
+        todo = again + rest
+        lag = max(0.0, (now_ms - min((wm.get(k, first) for k in todo), default=end)) / 1000)
+        if todo:
+            return Page(events, {"start": first, "wm": wm, "todo": todo, "end": end}, done=False, dead=dead, lag_s=lag)
+        return Page(events, {"start": first, "wm": wm, "todo": None, "end": None}, done=True, dead=dead, lag_s=lag)
+
+    @staticmethod
+    def _data_request(tag: DataTag, start: int, end: int) -> dict[str, Any]:
+        # `start` is the watermark itself: whether it is inclusive is undocumented [A], so the overlap is re-read
+        # and filtered; ascending raw points let the newest time read be the next page's start.
+        return {"source": {"publicId": tag.source.publicId}, "start": ms_to_iso(start), "end": ms_to_iso(end),
+                "timeZone": "UTC",
+                "tags": [{"id": tag.tagId, "preAggr": "raw",
+                          "queries": [{"ref": REF, "postAggr": "raw", "limit": DATALIST_LIMIT, "offset": 0,
+                                       "order": "asc"}]}]}
+
+    def _points(self, tenant: str, agent: str, tag: DataTag, points: list[Any], seen: int | None, wm: dict[str, int],
+                key: str, events: list[Event], dead: list[DeadLetter]) -> None:
+        attrs = self._tag_attrs(agent, tag)
+        for raw in points:
+            try:
+                point = Point.model_validate(raw)
+                value, text = _value(point.values.get(REF, ...))
+            except (ValidationError, ValueError) as err:
+                dead.append(dead_letter({"agent": agent, "tagId": tag.tagId, "point": raw}, err))
+                continue
+            if seen is not None and point.time <= seen:
+                continue  # the watermark point, read again
+            events.append(self.event("telemetry", tenant, agent, tag.slug, point.time, value, text, attrs))
+            if point.time > wm.get(key, point.time - 1):
+                wm[key] = point.time
+
+    def _tag_attrs(self, agent: str, tag: DataTag) -> dict[str, str]:
+        """Attrs of a tag's points (cached: one dict per tag until its agent's tags are re-read)."""
+        found = self._attrs.get((agent, str(tag.tagId)))
+        if found is None:
+            found = {"tagId": str(tag.tagId), "source": tag.source.publicId, "postAggr": "raw"}
+            if tag.name:
+                found["name"] = tag.name
+            if tag.variable is not None and tag.variable.unit:
+                found["unit"] = tag.variable.unit
+            if tag.retentionPolicy:
+                found["retentionPolicy"] = tag.retentionPolicy
+            self._attrs[(agent, str(tag.tagId))] = found
+        return found
+
+    async def _fetch_alerts(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
+        """Occurrences since the oldest still-open one: an open event once, a close event when `rtnOn` appears."""
+        agent = stream.params["agent"]
+        cur = cursor or {"since": start_ms(self.config.start, self.now_ms()), "after": None, "newest": None,
+                         "open": {}, "closed": {}}
+        since, opened, closed = int(cur["since"]), dict(cur["open"]), dict(cur["closed"])
+        newest = cur["newest"]
+        items, after = await self._list_page("AgentDataAlarmOccurrenceList", agent, ALARM_FIELDS, cur["after"],
+                                             f'gte(occurredOn,"{ms_to_iso(since)}")')
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        for raw in items:
+            try:
+                occ = Occurrence.model_validate(raw)
+            except ValidationError as err:
+                dead.append(dead_letter({"agent": agent, "occurrence": raw}, err))
+                continue
+            pid = occ.publicId
+            newest = occ.occurredOn if newest is None else max(newest, occ.occurredOn)
+            if pid in closed:
+                continue
+            severity = occ.alarm.severity
+            text = f"{severity}: {occ.comment}" if occ.comment else severity
+            attrs = {"occurrence": pid, "severity": severity, "acknowledged": str(bool(occ.acknowledged)).lower()}
+            if pid not in opened:
+                events.append(self.event("alert", stream.tenant, agent, occ.alarm.name, occ.occurredOn, None, text,
+                                         {**attrs, "state": "open"}))
+            if occ.rtnOn is None:
+                opened[pid] = occ.occurredOn
+            else:
+                events.append(self.event("alert", stream.tenant, agent, occ.alarm.name, occ.rtnOn, None, text,
+                                         {**attrs, "state": "closed"}))
+                opened.pop(pid, None)
+                closed[pid] = occ.occurredOn
+        if after:
+            nxt = {"since": since, "after": after, "newest": newest, "open": opened, "closed": closed}
+            return Page(events, nxt, done=False, dead=dead)
+        # the next run re-reads from the oldest open occurrence (to see it close); closed ones before it drop out
+        since = min(opened.values()) if opened else max(since, newest if newest is not None else since)
+        closed = {pid: ms for pid, ms in closed.items() if ms >= since}
+        nxt = {"since": since, "after": None, "newest": newest, "open": opened, "closed": closed}
+        return Page(events, nxt, done=True, dead=dead, lag_s=0.0)
+
+    async def _fetch_status(self, stream: Stream, seen: dict[str, Any]) -> Page:
+        """Agent online state (brief §8): emitted when it changes; ts = `mqttChangedOn`, else poll time."""
+        cursor, events, dead = dict(seen), [], []
+        for raw in await self._list_all("AgentList", "", AGENT_FIELDS):
+            try:
+                agent = Agent.model_validate(raw)
+            except ValidationError as err:
+                dead.append(dead_letter(raw, err))
+                continue
+            # online = an open VPN session [A: the brief names activeVpnSession/mqttChangedOn, not the rule]
+            value = 1.0 if agent.activeVpnSession else 0.0
+            state = [value, agent.activeStatus, agent.mqttChangedOn]
+            if cursor.get(agent.publicId) == state:
+                continue
+            cursor[agent.publicId] = state
+            attrs = {k: v for k, v in (("name", agent.name), ("serialNumber", agent.serialNumber),
+                                       ("deviceId", agent.deviceId)) if v}
+            ts = agent.mqttChangedOn if agent.mqttChangedOn is not None else self.now_ms()
+            events.append(self.event("status", stream.tenant, agent.publicId, "online", ts, value, agent.activeStatus,
+                                     attrs))
+        return Page(events, cursor, done=True, dead=dead, lag_s=0.0)
+
+
+def _value(raw: Any) -> tuple[float | None, str | None]:
+    """A point value: numbers (bool → 1/0) in `value`, strings (tags of type `str`) in `text`."""
+    if isinstance(raw, bool | int | float):
+        return float(raw), None
+    if isinstance(raw, str):
+        return None, raw
+    if raw is ...:
+        raise ValueError(f"values.{REF}: missing")
+    raise ValueError(f"values.{REF}: not a number, bool or string: {raw!r}"[:200])
