@@ -1,0 +1,434 @@
+"""EmbedThis Ioto device cloud: POST-only `/tok` API; Store values, device logs, rolling metrics and alerts.
+
+Brief: shared/vendors/ioto.md. Assumptions live in the constants below.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
+
+import orjson
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
+
+from syncd.errors import MalformedResponse, RateLimited, RequestRejected, VendorAuthError, VendorUnavailable
+from syncd.events import Event, parse_iso_ms
+from syncd.http import retry_after
+from syncd.settings import IotoSource as IotoConfig
+from syncd.settings import start_ms
+from syncd.sources.base import Page, Source, Stream, dead_letter
+
+PAGE_LIMIT = 1000  # always sent: the Builder docs default `limit` to 1 [D-gen]; no maximum documented [A]
+METRIC_NAMESPACE = "Embedthis/Device"  # the only namespace metric/fetch accepts [D-met]
+METRIC_STATISTIC = "avg"  # [A] one statistic per series keeps the table small; avg is the documented default
+METRIC_PERIOD = 300  # [A] the finest live span (5 min): its points are the closest thing to history
+MS_THRESHOLD = 1e11  # [A] point timestamps are "seconds" or "milli-seconds" depending on the document: above is ms
+DEVICE_DIMENSION = "Device"  # [A] the dimension that names a device's own series
+# [A] list order is undocumented: we rely on the primary index returning Log and Alert items oldest first
+# (ULID ids sort by time), so "id > newest id seen" means "not read before".
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def to_ms(value: Any) -> int:
+    """An Ioto `date`: ISO 8601 [A], or an epoch number in seconds or milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a date: {value!r}")
+    if isinstance(value, int | float):
+        return int(value) if value > MS_THRESHOLD else round(value * 1000)
+    if isinstance(value, str) and value:
+        return parse_iso_ms(value)  # raises ValueError naming the text
+    raise ValueError(f"not a date: {value!r}")
+
+
+def ulid_ms(ulid: str) -> int | None:
+    """The millisecond time in the first 10 characters of a ULID, None when it is not one."""
+    if len(ulid) != 26:
+        return None
+    try:
+        return sum(CROCKFORD.index(c) << (5 * (9 - i)) for i, c in enumerate(ulid[:10].upper()))
+    except ValueError:
+        return None
+
+
+Ms = Annotated[int, BeforeValidator(to_ms)]
+
+
+class _Item(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class DeviceRecord(_Item):
+    """Generic `Device` item [C] (also the registry item of `device/find` [D-dev])."""
+
+    id: str
+    accountId: str
+    connection: str | None = None
+    updated: Ms | None = None
+    name: str | None = None
+    model: str | None = None
+    product: str | None = None
+
+
+class StoreItem(_Item):
+    """Generic `Store` item: one key's latest value [D-sto][C]."""
+
+    accountId: str
+    deviceId: str
+    cloudId: str | None = None
+    key: str
+    type: str | None = None
+    value: float | str | None = None
+    updated: Ms
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _typed(cls, v: Any, info: ValidationInfo) -> Any:
+        kind = info.data.get("type")
+        if isinstance(v, bool) or not isinstance(v, int | float | str | None):
+            raise ValueError(f"neither number nor string: {v!r}")
+        if kind == "number" and isinstance(v, str):
+            return float(v)  # a numeric string still counts; other text fails here, naming `value`
+        if kind == "string" and v is not None:
+            return str(v)
+        return v
+
+
+class LogItem(_Item):
+    """Generic `Log` item; the ULID `id` carries the time, `updated` is a fallback [C]."""
+
+    id: str
+    accountId: str
+    deviceId: str
+    message: str | None = None
+    context: dict[str, Any] | None = None
+    updated: Ms | None = None
+
+    def ts_ms(self) -> int:
+        ts = ulid_ms(self.id)
+        if ts is None and self.updated is None:
+            raise ValueError("id: not a ULID and no updated date")
+        return ts if ts is not None else self.updated  # type: ignore[return-value]
+
+
+class MetricSeries(_Item):
+    """A `metric/fetch` item [D-met]; points are validated one by one."""
+
+    metric: str
+    namespace: str = METRIC_NAMESPACE
+    dimensions: dict[str, Any] = {}
+    period: int
+    samples: int | None = None
+    points: list[Any]
+
+
+class MetricPoint(_Item):
+    value: float | None
+    timestamp: Ms  # seconds or ms (MS_THRESHOLD)
+    count: int | None = None
+
+
+class AlertItem(_Item):
+    """An `alert/find` item [D-alr]."""
+
+    id: str
+    accountId: str
+    cloudId: str | None = None
+    name: str | None = None
+    seq: str | None = None
+    message: str | None = None
+    subject: str | None = None
+    severity: str | None = None
+    count: int | None = None
+    context: dict[str, Any] | None = None
+    resolved: bool = False
+    timestamp: Ms
+
+    def fingerprint(self) -> int | None:
+        """None once resolved; otherwise what a change of an open alert would touch."""
+        if self.resolved:
+            return None
+        return zlib.crc32(orjson.dumps([self.count, self.severity, self.message, self.subject]))
+
+
+def map_error(status: int, headers: Mapping[str, str], body: bytes, url: str) -> Exception | None:
+    """Ioto errors are text/plain (403 = auth); the AWS gateway in front answers JSON `{"message"}` [S][A]."""
+    if status < 400:
+        return None
+    text = body[:300].decode("utf-8", "replace").strip()
+    gateway = headers.get("Content-Type", "").startswith("application/json")
+    if gateway:  # read the message only; the status decides what it means
+        try:
+            text = str(orjson.loads(body).get("message", text))
+        except (orjson.JSONDecodeError, AttributeError):
+            pass
+    if status == 429:
+        return RateLimited(f"rate limited by {url}: {text}", retry_after=retry_after(headers), status=status, body=text,
+                           url=url)
+    if status == 403 and gateway:  # "Missing Authentication Token": unknown path or method, i.e. a wrong base_url
+        return RequestRejected(f"gateway refused {url} ({text}): check base_url", status=status, body=text, url=url)
+    if status in (401, 403):
+        return VendorAuthError(f"token refused ({status}) by {url}: {text}", status=status, body=text, url=url)
+    if status >= 500 or status == 408:
+        return VendorUnavailable(f"vendor error {status} from {url}: {text}", status=status, body=text, url=url)
+    return RequestRejected(f"request rejected ({status}) by {url}: {text}", status=status, body=text, url=url)
+
+
+class IotoSource(Source):
+    vendor = "ioto"
+    default_streams = ("status", "log", "metric", "alert")  # `connection` (Device online state) is opt-in
+    default_rate = 5.0  # none documented; AWS gateway in front [A]
+    default_burst = 10
+    map_error = staticmethod(map_error)
+
+    config: IotoConfig
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.metric_names: list[str] = []
+
+    # -- HTTP -----------------------------------------------------------------------------------------
+
+    async def _post(self, path: str, body: dict[str, Any], params: dict[str, str] | None = None) -> Any:
+        resp = await self.client.request(
+            "POST", f"{self.config.base_url}/tok{path}", params=params, json=body, expect_json=True,
+            headers={"Authorization": self.config.token.get_secret_value(), "Accept": "application/json"},
+        )
+        return resp.data
+
+    async def _page(self, path: str, body: dict[str, Any], nxt: str | None) -> tuple[list[Any], str | None]:
+        """One page of a paged list; returns its items and the opaque `next` (None on the last page)."""
+        params = {"limit": str(self.config.page_size or PAGE_LIMIT), "paged": "true"}
+        if nxt is not None:
+            params["next"] = nxt
+        out = await self._post(path, body, params)
+        items = out.get("data") if isinstance(out, dict) else None
+        if not isinstance(items, list):
+            raise MalformedResponse(f"{path}: paged response without a data array", body=str(out)[:200])
+        following = out.get("next")
+        if following is not None and not isinstance(following, str):
+            following = orjson.dumps(following).decode()  # typed "object" in one document: pass it back as JSON [A]
+        return items, following
+
+    async def _crawl(self, path: str, body: dict[str, Any]) -> list[Any]:
+        items, nxt = await self._page(path, body, None)
+        while nxt is not None:
+            more, nxt = await self._page(path, body, nxt)
+            items.extend(more)
+        return items
+
+    # -- inventory ------------------------------------------------------------------------------------
+
+    async def discover(self) -> list[Stream]:
+        # device/find needs an accountId with a CloudAPI token [D-dev]; the Device records name the accounts.
+        records = _valid(DeviceRecord, await self._crawl("/generic/find", {"_type": "Device"}))
+        devices: dict[str, str] = {}
+        for acct in sorted({r.accountId for r in records}):
+            for reg in _valid(DeviceRecord, await self._crawl("/device/find", {"accountId": acct})):
+                devices[reg.id] = reg.accountId
+        for r in records:
+            devices.setdefault(r.id, r.accountId)
+        kinds = self.enabled_kinds
+        if "metric" in kinds:
+            self.metric_names = await self._metric_names()
+        streams = [Stream(f"{kind}/{dev}", kind, acct, {"device": dev})
+                   for dev, acct in sorted(devices.items()) for kind in ("status", "log", "metric") if kind in kinds]
+        if "alert" in kinds:
+            streams.append(Stream("alert", "alert", ""))
+        if "connection" in kinds:
+            streams += [Stream(f"connection/{acct}", "status", acct) for acct in sorted(set(devices.values()))]
+        return streams
+
+    async def _metric_names(self) -> list[str]:
+        """getMetricList needs the cloudId, which only Store and Alert items carry [D-met][C]."""
+        cloud = None
+        for path, body in (("/generic/find", {"_type": "Store"}), ("/alert/find", {})):
+            items, _ = await self._page(path, body, None)
+            cloud = next((i["cloudId"] for i in items if isinstance(i, dict) and isinstance(i.get("cloudId"), str)), None)
+            if cloud:
+                break
+        if cloud is None:
+            return []
+        listing = await self._post("/metric/getMetricList", {"cloudId": cloud, "namespace": METRIC_NAMESPACE})
+        data = listing.get("data") if isinstance(listing, dict) else None
+        names = data.get("metrics") if isinstance(data, dict) else None
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+    # -- data -----------------------------------------------------------------------------------------
+
+    async def fetch(self, stream: Stream, cursor: Any) -> Page:
+        feed = stream.name.split("/", 1)[0]
+        if feed == "status":
+            body = {"_type": "Store", "deviceId": stream.params["device"]}
+            return await self._fetch_latest(stream, cursor, body, StoreItem, self._store_event)
+        if feed == "connection":
+            body = {"_type": "Device", "accountId": stream.tenant}
+            return await self._fetch_latest(stream, cursor, body, DeviceRecord, self._connection_event)
+        if feed == "log":
+            return await self._fetch_log(stream, cursor)
+        if feed == "metric":
+            return await self._fetch_metric(stream, cursor or {})
+        return await self._fetch_alerts(cursor)
+
+    async def _fetch_latest(self, stream: Stream, cursor: dict[str, Any] | None, body: dict[str, Any],
+                            model: type[StoreItem] | type[DeviceRecord], to_event: Callable[..., Event | None]) -> Page:
+        """Latest-state lists: emit an item only when its `updated` moved (the cursor keeps each one's)."""
+        cursor = cursor or {"seen": {}, "next": None}
+        items, nxt = await self._page("/generic/find", body, cursor["next"])
+        seen, events, dead = dict(cursor["seen"]), [], []
+        for raw in items:
+            try:
+                item = model.model_validate(raw)
+                event: Event | None = to_event(stream, item)
+            except ValidationError as err:
+                dead.append(dead_letter(raw, err))
+                continue
+            key = item.key if isinstance(item, StoreItem) else item.id
+            if event is None or seen.get(key) == event.ts_ms:
+                continue
+            seen[key] = event.ts_ms
+            events.append(event)
+        return Page(events, {"seen": seen, "next": nxt}, done=nxt is None, dead=dead, lag_s=0.0 if nxt is None else None)
+
+    def _store_event(self, stream: Stream, item: StoreItem) -> Event:
+        number = item.value if isinstance(item.value, float) else None
+        text = item.value if isinstance(item.value, str) else None
+        attrs = {"type": item.type or ("number" if number is not None else "string")}
+        if item.cloudId:
+            attrs["cloudId"] = item.cloudId
+        return self.event("status", item.accountId, item.deviceId, item.key, item.updated, number, text, attrs)
+
+    def _connection_event(self, stream: Stream, item: DeviceRecord) -> Event | None:
+        if item.connection is None or item.updated is None:
+            return None  # a device record without state says nothing to record
+        attrs = {k: v for k, v in (("name", item.name), ("model", item.model), ("product", item.product)) if v}
+        return self.event("status", item.accountId, item.id, "connection", item.updated, None, item.connection, attrs)
+
+    async def _fetch_log(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
+        """Logs have no time filter [D-gen]: page through, keep the newest id, and resume from the last page read.
+
+        The last page has no `next`, so the cursor keeps the `next` that fetched it: the following run re-reads
+        that page (skipping ids it has) and goes on from there.
+        """
+        if cursor is None:
+            cursor = {"next": None, "last": "", "from": start_ms(self.config.start, self.now_ms())}
+        sent, last, frm = cursor["next"], cursor["last"], cursor["from"]
+        body = {"_type": "Log", "deviceId": stream.params["device"]}
+        items, nxt = await self._page("/generic/find", body, sent)
+        events, dead = [], []
+        newest: int | None = None
+        for raw in items:
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            if isinstance(raw_id, str):
+                if raw_id <= last:
+                    continue  # read by an earlier run (the re-read last page)
+                last = raw_id
+            try:
+                item = LogItem.model_validate(raw)
+                ts = item.ts_ms()
+            except (ValidationError, ValueError) as err:
+                dead.append(dead_letter(raw, err))
+                continue
+            if ts < frm:
+                continue
+            newest = ts
+            attrs = {"id": item.id}
+            if item.context is not None:
+                attrs["context"] = orjson.dumps(item.context).decode()
+            events.append(self.event("log", item.accountId, item.deviceId, "log", ts, None, item.message, attrs))
+        done = nxt is None
+        lag = 0.0 if done else (max(0.0, self.clock() - newest / 1000) if newest is not None else None)
+        return Page(events, {"next": sent if done else nxt, "last": last, "from": frm}, done=done, dead=dead, lag_s=lag)
+
+    async def _fetch_metric(self, stream: Stream, cursor: dict[str, Any]) -> Page:
+        """Rolling aggregates: the newest point changes until its span closes, so re-emit a point whose value moved."""
+        dev = stream.params["device"]
+        if not self.metric_names:
+            return Page([], cursor, done=True, lag_s=0.0)
+        requests = [{"namespace": METRIC_NAMESPACE, "metric": m, "dimensions": {DEVICE_DIMENSION: dev},
+                     "statistic": METRIC_STATISTIC, "period": METRIC_PERIOD} for m in self.metric_names]
+        out = await self._post("/metric/fetch", {"deviceId": dev, "items": requests})
+        data = out.get("data") if isinstance(out, dict) else None
+        if not isinstance(data, list):
+            raise MalformedResponse("/metric/fetch: response without a data array", body=str(out)[:200])
+        seen: dict[str, dict[str, float | None]] = {}
+        events, dead = [], []
+        for raw in data:
+            try:
+                series = MetricSeries.model_validate(raw)
+            except ValidationError as err:
+                dead.append(dead_letter(raw, err))
+                continue
+            name = f"{series.metric}.{METRIC_STATISTIC}.{series.period}"
+            before, now = cursor.get(name, {}), seen.setdefault(name, {})
+            attrs = {"namespace": series.namespace, "dimensions": orjson.dumps(series.dimensions).decode()}
+            if series.samples is not None:
+                attrs["samples"] = str(series.samples)
+            for p in series.points:
+                try:
+                    point = MetricPoint.model_validate(p)
+                except ValidationError as err:
+                    dead.append(dead_letter({"metric": series.metric, "point": p}, err))
+                    continue
+                now[str(point.timestamp)] = point.value
+                if str(point.timestamp) in before and before[str(point.timestamp)] == point.value:
+                    continue
+                extra = {**attrs, "count": str(point.count)} if point.count is not None else attrs
+                events.append(self.event("metric", stream.tenant, dev, name, point.timestamp, point.value, None, extra))
+        return Page(events, seen, done=True, dead=dead, lag_s=0.0)
+
+    async def _fetch_alerts(self, cursor: dict[str, Any] | None) -> Page:
+        """The whole list every run (no filters [D-alr]): new ids are emitted, and so is an open alert that changed.
+
+        `open` holds a fingerprint per unresolved alert; an old id missing from it is expected resolved. A change
+        re-emits under the same key (same `timestamp`), so ReplacingMergeTree keeps the newest state.
+        """
+        if cursor is None:
+            cursor = {"next": None, "last": "", "open": {}, "from": start_ms(self.config.start, self.now_ms())}
+        last, frm, opened = cursor["last"], cursor["from"], dict(cursor["open"])
+        items, nxt = await self._page("/alert/find", {}, cursor["next"])
+        events, dead = [], []
+        for raw in items:
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            fresh = isinstance(raw_id, str) and raw_id > last
+            if fresh:
+                last = raw_id
+            try:
+                alert = AlertItem.model_validate(raw)
+            except ValidationError as err:
+                if fresh or not isinstance(raw_id, str):  # an old bad one was dead-lettered when it was new
+                    dead.append(dead_letter(raw, err))
+                continue
+            if alert.timestamp < frm:
+                continue
+            state = alert.fingerprint()
+            if not fresh and opened.get(alert.id) == state:
+                continue
+            if state is None:
+                opened.pop(alert.id, None)
+            else:
+                opened[alert.id] = state
+            events.append(self._alert_event(alert))
+        cursor = {"next": nxt, "last": last, "open": opened, "from": frm}  # next=None: rescan from the top next run
+        return Page(events, cursor, done=nxt is None, dead=dead, lag_s=0.0 if nxt is None else None)
+
+    def _alert_event(self, a: AlertItem) -> Event:
+        device = (a.context or {}).get("deviceId")
+        attrs = {"id": a.id, "resolved": "true" if a.resolved else "false"}
+        for key, value in (("severity", a.severity), ("subject", a.subject), ("seq", a.seq), ("count", a.count),
+                           ("cloudId", a.cloudId)):
+            if value is not None:
+                attrs[key] = str(value)
+        return self.event("alert", a.accountId, device if isinstance(device, str) else "", a.name or a.seq or "",
+                          a.timestamp, None, a.message, attrs)
+
+
+def _valid(model: type[DeviceRecord], raw: list[Any]) -> list[DeviceRecord]:
+    """Inventory records that validate; a bad one only loses its streams until it is fixed."""
+    out = []
+    for r in raw:
+        try:
+            out.append(model.model_validate(r))
+        except ValidationError:
+            continue
+    return out
