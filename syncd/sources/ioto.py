@@ -319,7 +319,7 @@ class IotoSource(Source):
         newest: int | None = None
         for raw in items:
             raw_id = raw.get("id") if isinstance(raw, dict) else None
-            if isinstance(raw_id, str):
+            if isinstance(raw_id, str) and ulid_ms(raw_id) is not None:  # a broken id cannot be placed: not skipped
                 if raw_id <= last:
                     continue  # read by an earlier run (the re-read last page)
                 last = raw_id
@@ -378,30 +378,35 @@ class IotoSource(Source):
         return Page(events, seen, done=True, dead=dead, lag_s=0.0)
 
     async def _fetch_alerts(self, cursor: dict[str, Any] | None) -> Page:
-        """The whole list every run (no filters [D-alr]): new ids are emitted, and so is an open alert that changed.
+        """The whole list every pass (no filters [D-alr]): an alert newer than the last pass's newest is new, an
+        older one is emitted again only when its state changed.
 
-        `open` holds a fingerprint per unresolved alert; an old id missing from it is expected resolved. A change
-        re-emits under the same key (same `timestamp`), so ReplacingMergeTree keeps the newest state.
+        `open` holds a fingerprint per unresolved alert; an older alert missing from it is expected resolved. A change
+        re-emits under the same key (`timestamp` stays [A]), so ReplacingMergeTree keeps the newest state. The
+        watermark moves only when a pass ends, so the list order does not matter.
         """
         if cursor is None:
-            cursor = {"next": None, "last": "", "open": {}, "from": start_ms(self.config.start, self.now_ms())}
-        last, frm, opened = cursor["last"], cursor["from"], dict(cursor["open"])
+            frm = start_ms(self.config.start, self.now_ms())
+            cursor = {"next": None, "from": frm, "wm": frm - 1, "edge": [], "top": frm - 1, "top_edge": [], "open": {}}
+        frm, wm, edge, opened = cursor["from"], cursor["wm"], set(cursor["edge"]), dict(cursor["open"])
+        top, top_edge = cursor["top"], set(cursor["top_edge"])
         items, nxt = await self._page("/alert/find", {}, cursor["next"])
         events, dead = [], []
         for raw in items:
-            raw_id = raw.get("id") if isinstance(raw, dict) else None
-            fresh = isinstance(raw_id, str) and raw_id > last
-            if fresh:
-                last = raw_id
             try:
                 alert = AlertItem.model_validate(raw)
             except ValidationError as err:
-                if fresh or not isinstance(raw_id, str):  # an old bad one was dead-lettered when it was new
-                    dead.append(dead_letter(raw, err))
+                dead.append(dead_letter(raw, err))
                 continue
-            if alert.timestamp < frm:
+            ts = alert.timestamp
+            if ts < frm:
                 continue
+            if ts > top:
+                top, top_edge = ts, {alert.id}
+            elif ts == top:
+                top_edge.add(alert.id)
             state = alert.fingerprint()
+            fresh = ts > wm or (ts == wm and alert.id not in edge)
             if not fresh and opened.get(alert.id) == state:
                 continue
             if state is None:
@@ -409,7 +414,10 @@ class IotoSource(Source):
             else:
                 opened[alert.id] = state
             events.append(self._alert_event(alert))
-        cursor = {"next": nxt, "last": last, "open": opened, "from": frm}  # next=None: rescan from the top next run
+        if nxt is None:  # pass complete: the next run starts from the top with this pass's newest as the watermark
+            wm, edge = top, top_edge
+        cursor = {"next": nxt, "from": frm, "wm": wm, "edge": sorted(edge), "top": top, "top_edge": sorted(top_edge),
+                  "open": opened}
         return Page(events, cursor, done=nxt is None, dead=dead, lag_s=0.0 if nxt is None else None)
 
     def _alert_event(self, a: AlertItem) -> Event:
