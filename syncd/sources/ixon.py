@@ -31,6 +31,8 @@ REF = "v"  # the query `ref` the values come back under; one tag per request obj
 AGENT_FIELDS = "publicId,name,deviceId,serialNumber,activeStatus,activeVpnSession,mqttChangedOn"
 TAG_FIELDS = "publicId,tagId,name,slug,source.publicId,retentionPolicy,variable(type,unit)"
 ALARM_FIELDS = "publicId,alarm(name,severity),occurredOn,rtnOn,acknowledged,comment"
+# Filter functions are documented [S][D-oas]; that `occurredOn` is a filterable field is assumed [A].
+ALARM_FILTER = 'gte(occurredOn,"{since}")'
 
 
 def _iso_ms(value: Any) -> int:
@@ -309,7 +311,7 @@ class IxonSource(Source):
         since, opened, closed = int(cur["since"]), dict(cur["open"]), dict(cur["closed"])
         newest = cur["newest"]
         items, after = await self._list_page("AgentDataAlarmOccurrenceList", agent, ALARM_FIELDS, cur["after"],
-                                             f'gte(occurredOn,"{ms_to_iso(since)}")')
+                                             ALARM_FILTER.format(since=ms_to_iso(since)))
         events: list[Event] = []
         dead: list[DeadLetter] = []
         for raw in items:
