@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 import time
@@ -19,10 +20,14 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd.errors import Terminal, Transient, VendorAuthError
 from syncd.observability import Metrics
-from syncd.sources.base import Source, Stream
+from syncd.sources.base import Page, Source, Stream
 from syncd.spool import Spool
 
 log = structlog.get_logger("syncd.sync")
+
+PUSH_IDLE_S = 2.0  # `--once` on a push stream ends after this long without a message (the broker has sent its backlog)
+PUSH_ONCE_LIMIT_S = 300.0  # ... or after this long at most, for a stream that never goes quiet
+PUSH_BACKOFF_CAP_S = 60.0  # reconnect backoff cap of a long-running push stream
 
 
 @dataclass
@@ -39,6 +44,16 @@ class StreamState:
     last_success: float | None = None
     dead_logged: bool = False
     error: str = ""
+
+
+@dataclass
+class _Run:
+    """Counts of one stream run, kept outside the loop so the summary sees them after an error."""
+
+    cursor: Any = None
+    pages: int = 0
+    events: int = 0
+    dead: int = 0
 
 
 @dataclass
@@ -67,8 +82,10 @@ class Syncer:
         self.stop = asyncio.Event()
         self.inflight: set[asyncio.Task[Any]] = set()
         self.scheduler: AsyncIOScheduler | None = None
+        self.push_tasks: dict[str, asyncio.Task[StreamState]] = {}  # long-running push streams by job id
 
     def add_source(self, source: Source) -> None:
+        source.instance = self.instance
         self.sources[source.name] = SourceState(source)
 
     # -- discovery --------------------------------------------------------------------------------
@@ -115,8 +132,12 @@ class Syncer:
 
     # -- one stream run ---------------------------------------------------------------------------
 
-    async def run_stream(self, source_name: str, stream_name: str) -> StreamState:
-        """Page until caught up (or stopping); every page and its cursor are one spool transaction."""
+    async def run_stream(self, source_name: str, stream_name: str, idle: float | None = PUSH_IDLE_S) -> StreamState:
+        """Page until caught up (or stopping); every page and its cursor are one spool transaction.
+
+        A push stream listens instead: until `idle` seconds pass without a message (`--once`), or, with
+        `idle=None`, until the daemon stops, reconnecting with capped backoff after broker errors.
+        """
         st = self.sources[source_name]
         state = self.states[(source_name, stream_name)]
         if st.failed or self.stop.is_set():
@@ -127,28 +148,14 @@ class Syncer:
         source, stream = st.source, st.streams[stream_name]
         run_id = uuid.uuid4().hex[:8]
         structlog.contextvars.bind_contextvars(source=source_name, stream=stream_name, run_id=run_id)
-        started, pages, events, dead = time.monotonic(), 0, 0, 0
-        cursor: Any = None
+        started, run = time.monotonic(), _Run()
         error = ""
         try:
-            cursor = await self.spool.run(self.spool.get_cursor, source_name, stream_name)
-            while not self.stop.is_set():
-                await self.room()
-                page = await self._with_relogin(st, functools.partial(source.fetch, stream, cursor))
-                payload = {"src": source_name, "vendor": source.vendor, "stream": stream_name,
-                           "e": [e.row() for e in page.events], "d": [[d.reason, d.payload] for d in page.dead]}
-                await self.spool.run(self.spool.commit_page, source_name, stream_name, payload, page.cursor)
-                self.wake()
-                cursor, pages, events, dead = page.cursor, pages + 1, events + len(page.events), dead + len(page.dead)
-                state.events += len(page.events)
-                state.pages += 1
-                state.lag_s = page.lag_s
-                self.metrics.inc("syncd_events_total", len(page.events), source=source_name, kind=stream.kind)
-                self.metrics.inc("syncd_pages_total", source=source_name)
-                if page.dead:
-                    self._dead_letters(state, page.dead)
-                if page.done:
-                    break
+            run.cursor = await self.spool.run(self.spool.get_cursor, source_name, stream_name)
+            if stream.push:
+                await self._run_push(st, state, stream, run, idle)
+            else:
+                await self._run_pull(st, state, stream, run)
         except VendorAuthError as err:
             error = str(err)
             self._fail_source(st, err)
@@ -161,9 +168,78 @@ class Syncer:
             if task is not None:
                 self.inflight.discard(task)
             duration = time.monotonic() - started
-            await self._finish(state, source, stream, error, cursor, events, pages, dead, duration)
+            await self._finish(state, source, stream, error, run.cursor, run.events, run.pages, run.dead, duration)
             structlog.contextvars.unbind_contextvars("source", "stream", "run_id")
         return state
+
+    async def _run_pull(self, st: SourceState, state: StreamState, stream: Stream, run: _Run) -> None:
+        while not self.stop.is_set():
+            await self.room()
+            page = await self._with_relogin(st, functools.partial(st.source.fetch, stream, run.cursor))
+            await self._commit(state, st.source, stream, page, run)
+            if page.done:
+                break
+
+    async def _run_push(self, st: SourceState, state: StreamState, stream: Stream, run: _Run, idle: float | None) -> None:
+        """Listen; `deliver` commits each page (same path as a fetched page) before the source acks it."""
+        source = st.source
+
+        async def deliver(page: Page) -> None:
+            await self.room()
+            await self._commit(state, source, stream, page, run)
+            if state.failing and idle is None:  # a long-running stream is back after reconnecting
+                log.info("stream.recovered")
+                state.failing, state.error = False, ""
+
+        stop, relay, deadline = self.stop, None, None
+        if idle is not None:  # --once on a stream that never goes quiet still has to end
+            stop = asyncio.Event()
+            relay = asyncio.create_task(self._relay_stop(stop))
+            deadline = asyncio.get_running_loop().call_later(PUSH_ONCE_LIMIT_S, stop.set)
+        attempt = 0
+        try:
+            while not stop.is_set():
+                pages = run.pages
+                try:
+                    await source.listen(stream, deliver, stop, idle)
+                    return
+                except Transient as err:
+                    if idle is not None:
+                        raise
+                    attempt = 1 if run.pages > pages else attempt + 1  # a connection that delivered resets the backoff
+                    delay = min(PUSH_BACKOFF_CAP_S, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
+                    error = f"{err.__class__.__name__}: {err}"
+                    self.metrics.inc("syncd_stream_errors_total", source=source.name, kind=stream.kind)
+                    if not state.failing:
+                        log.warning("stream.failing", error=error, reconnect_in=round(delay, 2))
+                    state.failing, state.error = True, error
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+        finally:
+            if relay is not None:
+                relay.cancel()
+            if deadline is not None:
+                deadline.cancel()
+
+    async def _relay_stop(self, local: asyncio.Event) -> None:
+        await self.stop.wait()
+        local.set()
+
+    async def _commit(self, state: StreamState, source: Source, stream: Stream, page: Page, run: _Run) -> None:
+        """Spool one page with its cursor (one transaction), wake the drainers, count it."""
+        payload = {"src": source.name, "vendor": source.vendor, "stream": stream.name,
+                   "e": [e.row() for e in page.events], "d": [[d.reason, d.payload] for d in page.dead]}
+        await self.spool.run(self.spool.commit_page, source.name, stream.name, payload, page.cursor)
+        self.wake()
+        run.cursor = page.cursor
+        run.pages, run.events, run.dead = run.pages + 1, run.events + len(page.events), run.dead + len(page.dead)
+        state.events += len(page.events)
+        state.pages += 1
+        state.lag_s = page.lag_s
+        self.metrics.inc("syncd_events_total", len(page.events), source=source.name, kind=stream.kind)
+        self.metrics.inc("syncd_pages_total", source=source.name)
+        if page.dead:
+            self._dead_letters(state, page.dead)
 
     async def _finish(self, state: StreamState, source: Source, stream: Stream, error: str, cursor: Any,
                       events: int, pages: int, dead: int, duration: float) -> None:
@@ -214,6 +290,11 @@ class Syncer:
         assert self.scheduler is not None
         interval = self.sources[source_name].source.config.interval
         job_id = f"{source_name}:{stream.name}"
+        if stream.push:  # a subscription, not an interval job; it ends with stop_and_wait
+            if job_id not in self.push_tasks or self.push_tasks[job_id].done():
+                self.push_tasks[job_id] = asyncio.create_task(self.run_stream(source_name, stream.name, idle=None),
+                                                              name=f"push:{job_id}")
+            return
         if self.scheduler.get_job(job_id):
             return
         first = time.time() + random.uniform(0, min(2.0, interval))  # spread the first runs: no thundering herd
@@ -232,7 +313,7 @@ class Syncer:
         self.stop.set()
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        pending = [t for t in self.inflight if not t.done()]
+        pending = [t for t in self.inflight | set(self.push_tasks.values()) if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout)
             for t in still:

@@ -5,9 +5,10 @@ A source never writes, commits or sleeps for timing: the engine (scheduler, spoo
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,12 +22,16 @@ from syncd.settings import SourceBase
 
 @dataclass(frozen=True)
 class Stream:
-    """One incremental feed of a source, e.g. `log/10` (the log of installation 10)."""
+    """One incremental feed of a source, e.g. `log/10` (the log of installation 10).
+
+    A `push` stream is a long-running subscription (`Source.listen`) instead of paged fetches.
+    """
 
     name: str
     kind: str
     tenant: str = ""
     params: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    push: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Source(ABC):
     default_rate: ClassVar[float]
     default_burst: ClassVar[int]
     map_error = staticmethod(default_error)  # how this vendor's HTTP errors become ours
+    instance = "syncd-0"  # the daemon instance (set by the engine): stable ids such as MQTT client ids derive from it
 
     def __init__(self, config: SourceBase, client: VendorClient, clock: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -81,6 +87,15 @@ class Source(ABC):
     @abstractmethod
     async def fetch(self, stream: Stream, cursor: Any) -> Page:
         """One page from `cursor` (None on the first run)."""
+
+    async def listen(self, stream: Stream, deliver: Callable[[Page], Awaitable[None]], stop: asyncio.Event,
+                     idle: float | None) -> None:
+        """Receive a push stream until `stop` is set or, with `idle`, nothing arrived for `idle` seconds.
+
+        Call `await deliver(page)` per message or batch; it returns once the page is committed to the spool,
+        and only then may the messages be acknowledged to the broker. Broker errors raise our error classes.
+        """
+        raise NotImplementedError(f"{self.vendor} has no push streams")
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
