@@ -168,6 +168,8 @@ class ProxusSource(SourceBase):
     base_url: str = Field(min_length=1)
     username: str
     password: SecretStr
+    concurrency: int = Field(2, gt=0)  # a self-hosted edge box: be gentle (brief §4)
+    page_size: int | None = Field(None, gt=0, le=50_000)  # telemetry rows per query; maxRows caps at 50 000 [S]
 
 
 class IotoSource(SourceBase):
