@@ -1,0 +1,475 @@
+"""Navixy IoT Logic: NGP telemetry pushed to the operator's MQTT broker, and flow/endpoint health polled over REST.
+
+Brief: shared/vendors/navixy.md. Assumptions live in the constants below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+import orjson
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from syncd.errors import (
+    MalformedResponse,
+    RateLimited,
+    RequestRejected,
+    SyncdError,
+    VendorAuthError,
+    VendorConnectionError,
+    VendorUnavailable,
+)
+from syncd.events import Event, parse_iso_ms
+from syncd.settings import NavixySource as NavixyConfig
+from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter
+
+log = structlog.get_logger("syncd.navixy")
+
+MAPPING_PAGE = 10_000  # sources/mapping/list default limit; the maximum is 100 000 [D-oas]
+# NGP header fields: kept as attrs, never metrics [A: §8 maps them to attrs]
+NGP_HEADER = ("device_id", "message_time", "version", "event_id")
+TRACKER_REFRESH_S = 300.0  # an NGP device_id missing from tracker/list reloads it at most this often [A]
+MQTT_KEEPALIVE_S = 30
+MAX_BATCH = 500  # MQTT messages per spool page
+LINGER_S = 0.02  # a batch is committed once no further message arrived for this long
+SEEN_MAX = 100_000  # payload digests remembered: each message comes once per topic, and QoS 1 may repeat it [A]
+AUTH_CONNACK = {4, 5, 134, 135}  # bad user name or password / not authorised (MQTT 3.1.1 codes and their v5 forms)
+
+
+class Flow(BaseModel):
+    """A `flow/list` entry [D-oas]."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    title: str = ""
+    enabled: bool
+    default_flow: bool = False
+    modified: int | None = None  # epoch ms
+    devices_count: int | None = None
+
+    @field_validator("modified", mode="before")
+    @classmethod
+    def _modified(cls, v: Any) -> int | None:
+        return None if v is None else _iso_ms(v)
+
+
+class Endpoint(BaseModel):
+    """An output endpoint as `endpoint/list` (no status) or `endpoint/read` returns it [D-oas]."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    type: str = ""
+    title: str = ""
+    status: str = ""
+    properties: dict[str, Any] = {}
+
+    @property
+    def topics(self) -> list[str]:
+        topics = self.properties.get("topics")
+        return [t for t in topics if isinstance(t, str)] if isinstance(topics, list) else []
+
+
+class TrackerSource(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    device_id: str
+    model: str = ""
+
+
+class Tracker(BaseModel):
+    """A `tracker/list` entry: `id` is the tracker object, `source.id` the device id IoT Logic uses [D-trk]."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    label: str = ""
+    source: TrackerSource
+
+
+class FlowMapping(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    device_id: int  # a source id
+    flow_id: int | None = None
+    flow_title: str = ""
+
+
+class NgpHeader(BaseModel):
+    """The mandatory part of an NGP message [D-ngp]; every other key is an attribute."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    device_id: str = Field(min_length=1)
+    message_time: int  # epoch ms
+    version: str | int | float | None = None
+    event_id: int | str | None = None
+
+    @field_validator("message_time", mode="before")
+    @classmethod
+    def _message_time(cls, v: Any) -> int:
+        return _iso_ms(v)
+
+
+def _iso_ms(v: Any) -> int:
+    if not isinstance(v, str):
+        raise ValueError(f"must be an ISO 8601 time string (got {v!r})")
+    try:
+        return parse_iso_ms(v)
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 time: {v[:40]!r}") from None
+
+
+def flatten(prefix: str, value: Any, out: list[tuple[str, float | None, str | None]]) -> None:
+    """NGP attributes as (metric, value, text): nested keys joined with dots, bools 1/0, strings as text.
+
+    JSON null and arrays (e.g. `mobile_cells`) carry no single value and give no metric [A].
+    """
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            flatten(f"{prefix}.{key}" if prefix else str(key), sub, out)
+    elif isinstance(value, bool):
+        out.append((prefix, 1.0 if value else 0.0, None))
+    elif isinstance(value, int | float):
+        out.append((prefix, float(value), None))
+    elif isinstance(value, str):
+        out.append((prefix, None, value))
+
+
+class NavixySource(Source):
+    vendor = "navixy"
+    # kind=status is opt-in: endpoint status has no vendor time, so each change is stamped with the poll time
+    default_streams = ("telemetry",)
+    default_rate = 25.0  # 50 req/s per user and per IP [S]; the IP limit is shared with other apps [A]
+    default_burst = 10
+
+    config: NavixyConfig
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.root = self.config.api_root
+        self.tenant = ""
+        self.devices: dict[str, tuple[str, dict[str, str]]] = {}  # NGP device_id -> (source id, attrs)
+        self.devices_at = float("-inf")
+        self._seen: set[bytes] = set()
+        self._seen_order: deque[bytes] = deque()
+        self._newest_ms: int | None = None
+
+    # -- REST -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def map_error(status: int, headers: Mapping[str, str], body: bytes, url: str) -> Exception | None:
+        """Decide on the HTTP status: the documents disagree on the `status.code` numbers [S][D-auth][D-err]."""
+        if status < 400:
+            return None
+        code, text = _navixy_status(body)
+        msg = f"{status} from {url}" + (f" (Navixy code {code}: {text})" if code is not None else "")
+        if status in (401, 403):
+            return VendorAuthError(f"API key refused: {msg}", status=status, body=text, url=url)
+        if status == 429:
+            return RateLimited(f"rate limited: {msg}", status=status, body=text, url=url)
+        if status >= 500 or status == 408:
+            return VendorUnavailable(f"vendor error {msg}", status=status, body=text, url=url)
+        return RequestRejected(f"request rejected: {msg}", status=status, body=text, url=url)
+
+    async def _call(self, method: str, path: str, *, params: Any = None, json: Any = None) -> dict[str, Any]:
+        key = self.config.api_key.get_secret_value()
+        resp = await self.client.request(method, f"{self.root}{path}", headers={"Authorization": f"NVX {key}"},
+                                         params=params, json=json, expect_json=True)
+        body = resp.data
+        if not isinstance(body, dict):
+            raise MalformedResponse(f"{path}: the answer is not a JSON object", status=resp.status, url=path)
+        if body.get("success") is not True:
+            code, text = _navixy_status(orjson.dumps(body))
+            raise RequestRejected(f"{path}: success is not true (Navixy code {code}: {text})", status=resp.status, url=path)
+        return body
+
+    async def login(self) -> None:
+        """Read the account (user id = tenant); a refused key fails the first run here."""
+        body = await self._call("GET", "/user/get_info")
+        info = body.get("user_info")
+        if not isinstance(info, dict) or not isinstance(info.get("id"), int):
+            raise MalformedResponse("user/get_info without user_info.id", url="/user/get_info")
+        self.tenant = str(info["id"])
+
+    async def discover(self) -> list[Stream]:
+        if not self.tenant:
+            await self.login()
+        await self._load_devices()
+        streams = []
+        for kind in self.enabled_kinds:
+            if kind == "status":
+                streams.append(Stream("status", "status", self.tenant))
+            elif kind == "telemetry" and self.config.mqtt_url and self.config.topics:
+                streams.append(Stream("telemetry", "telemetry", self.tenant, push=True))
+            else:
+                log.warning("navixy.stream_skipped", source=self.name, stream=kind,
+                            hint="telemetry needs mqtt_url and topics; navixy streams are telemetry and status")
+        return streams
+
+    async def _load_devices(self) -> None:
+        """NGP device_id -> source id with label/model from tracker/list, flow from the paged mapping list."""
+        trackers = (await self._call("POST", "/tracker/list", json={})).get("list") or []
+        flows: dict[int, FlowMapping] = {}
+        limit, offset = min(self.config.page_size or MAPPING_PAGE, 100_000), 0
+        while True:
+            body = await self._call("GET", "/iot/logic/flow/sources/mapping/list", params={"offset": offset, "limit": limit})
+            rows = body.get("list") or []
+            for raw in rows:
+                try:
+                    row = FlowMapping.model_validate(raw)
+                except ValidationError:
+                    continue  # enrichment only: a row we cannot read costs an attr, never data
+                flows[row.device_id] = row
+            offset += len(rows)
+            if not rows or offset >= int(body.get("count") or 0):
+                break
+        devices: dict[str, tuple[str, dict[str, str]]] = {}
+        for raw in trackers:
+            try:
+                t = Tracker.model_validate(raw)
+            except ValidationError:
+                continue
+            attrs = {"device_id": t.source.device_id, "label": t.label, "model": t.source.model, "tracker_id": str(t.id)}
+            if t.source.id in flows and flows[t.source.id].flow_id is not None:
+                attrs["flow_id"] = str(flows[t.source.id].flow_id)
+            devices[t.source.device_id] = (str(t.source.id), attrs)
+        self.devices, self.devices_at = devices, self.clock()
+
+    async def mqtt_outputs(self) -> list[tuple[Flow, Endpoint]]:
+        """Every (flow, output endpoint) pair with the endpoint as `endpoint/read` has it, for `syncd check`."""
+        flows = [Flow.model_validate(f) for f in (await self._call("GET", "/iot/logic/flow/list")).get("list") or []]
+        endpoints: dict[int, Endpoint] = {}
+        out = []
+        for flow in flows:
+            value = (await self._call("GET", "/iot/logic/flow/read", params={"flow_id": flow.id})).get("value") or {}
+            for node in value.get("nodes") or []:
+                eid = (node.get("data") or {}).get("output_endpoint_id") if node.get("type") == "output_endpoint" else None
+                if not isinstance(eid, int):
+                    continue
+                if eid not in endpoints:
+                    read = await self._call("POST", "/iot/logic/flow/endpoint/read", json={"endpoint_id": eid})
+                    endpoints[eid] = Endpoint.model_validate(read.get("value"))
+                out.append((flow, endpoints[eid]))
+        return out
+
+    # -- status (polled) --------------------------------------------------------------------------
+
+    async def fetch(self, stream: Stream, cursor: Any) -> Page:
+        """kind=status: one event per flow `enabled` and endpoint `status` that changed since the last poll."""
+        seen = cursor if isinstance(cursor, dict) else {}
+        flows_seen, eps_seen = dict(seen.get("flows", {})), dict(seen.get("endpoints", {}))
+        now_ms = self.now_ms()
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        for raw in (await self._call("GET", "/iot/logic/flow/list")).get("list") or []:
+            try:
+                flow = Flow.model_validate(raw)
+            except ValidationError as err:
+                dead.append(dead_letter(raw, err))
+                continue
+            mark = f"{flow.modified}/{int(flow.enabled)}"
+            if flows_seen.get(str(flow.id)) == mark:
+                continue
+            flows_seen[str(flow.id)] = mark
+            attrs = {"title": flow.title, "default_flow": str(flow.default_flow).lower()}
+            if flow.devices_count is not None:
+                attrs["devices_count"] = str(flow.devices_count)
+            events.append(self.event("status", stream.tenant, f"flow:{flow.id}", "enabled",
+                                     flow.modified if flow.modified is not None else now_ms,
+                                     1.0 if flow.enabled else 0.0, None, attrs))
+        for raw in (await self._call("POST", "/iot/logic/flow/endpoint/list", json={})).get("list") or []:
+            try:
+                ref = Endpoint.model_validate(raw)
+                # status is only in endpoint/read [D-oas]
+                read = await self._call("POST", "/iot/logic/flow/endpoint/read", json={"endpoint_id": ref.id})
+                ep = Endpoint.model_validate(read.get("value"))
+            except ValidationError as err:
+                dead.append(dead_letter(raw, err))
+                continue
+            if eps_seen.get(str(ep.id)) == ep.status:
+                continue
+            eps_seen[str(ep.id)] = ep.status
+            events.append(self.event("status", stream.tenant, f"endpoint:{ep.id}", "status", now_ms, None, ep.status,
+                                     {"title": ep.title, "type": ep.type}))
+        return Page(events, {"flows": flows_seen, "endpoints": eps_seen}, done=True, dead=dead, lag_s=0.0)
+
+    # -- telemetry (pushed) -----------------------------------------------------------------------
+
+    @property
+    def client_id(self) -> str:
+        """Stable across restarts: the broker keeps this session's subscriptions and queued messages."""
+        return f"syncd-{self.instance}-{self.name}"
+
+    def _mqtt_client(self) -> aiomqtt.Client:
+        url = urlsplit(self.config.mqtt_url)
+        tls = None
+        if url.scheme == "mqtts":
+            tls = ssl.create_default_context()
+            if not self.config.tls_verify:
+                tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        username = self.config.mqtt_username or url.username or None
+        password = self.config.mqtt_password.get_secret_value() or url.password or None
+        client = aiomqtt.Client(
+            url.hostname or "127.0.0.1", url.port or (8883 if tls else 1883), username=username, password=password,
+            identifier=self.client_id, clean_session=False, protocol=aiomqtt.ProtocolVersion.V311,
+            keepalive=MQTT_KEEPALIVE_S, timeout=self.config.timeout, tls_context=tls,
+        )
+        # aiomqtt has no manual-ack option; its paho client does: PUBACK only once the page is on disk.
+        client._client.manual_ack_set(True)
+        return client
+
+    async def listen(self, stream: Stream, deliver: Callable[[Page], Awaitable[None]], stop: asyncio.Event,
+                     idle: float | None) -> None:
+        """Subscribe (QoS 1, persistent session) and deliver batches of NGP messages, acking each after commit."""
+        where = self.config.mqtt_url.split("@")[-1]
+        try:
+            client = self._mqtt_client()
+            async with client:
+                granted = await client.subscribe([(t, 1) for t in self.config.topics])
+                refused = [t for t, rc in zip(self.config.topics, granted, strict=False) if _code(rc) >= 128]
+                if refused:
+                    raise RequestRejected(f"broker {where} refused the subscription to {refused}")
+                log.info("navixy.subscribed", broker=where, topics=self.config.topics, client_id=self.client_id)
+                await self._pump(client, stream, deliver, stop, idle)
+        except aiomqtt.MqttCodeError as err:
+            rc = getattr(err, "rc", None)
+            if rc is not None and _code(rc) in AUTH_CONNACK:
+                raise VendorAuthError(f"broker {where} refused the MQTT credentials: {err}") from None
+            raise VendorConnectionError(f"broker {where}: {err}") from None
+        except aiomqtt.MqttError as err:
+            raise VendorConnectionError(f"broker {where}: {err}") from None
+
+    async def _pump(self, client: aiomqtt.Client, stream: Stream, deliver: Callable[[Page], Awaitable[None]],
+                    stop: asyncio.Event, idle: float | None) -> None:
+        messages = client.messages
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        # The pending read is kept across batches, never cancelled mid-stream: a cancelled read could drop a
+        # message it already took from the queue (on exit that is harmless: unacked messages come again).
+        pending: asyncio.Future[Any] | None = None
+        try:
+            while not stop.is_set():
+                pending = pending or asyncio.ensure_future(messages.__anext__())
+                done, _ = await asyncio.wait({pending, stopping}, timeout=idle, return_when=asyncio.FIRST_COMPLETED)
+                if pending not in done:
+                    return  # stopping, or quiet for `idle` seconds
+                batch, pending = [pending.result()], None
+                while len(batch) < MAX_BATCH:
+                    pending = asyncio.ensure_future(messages.__anext__())
+                    done, _ = await asyncio.wait({pending}, timeout=LINGER_S)
+                    if pending not in done:
+                        break
+                    batch.append(pending.result())
+                    pending = None
+                await self._refresh_devices(batch)
+                page, digests = self._page(stream, batch)
+                await deliver(page)
+                for m in batch:
+                    client._client.ack(m.mid, m.qos)
+                self._remember(digests)
+        finally:
+            stopping.cancel()
+            if pending is not None:
+                pending.cancel()
+
+    async def _refresh_devices(self, batch: list[aiomqtt.Message]) -> None:
+        """A device_id we do not know may be a new tracker: reload the list, not more often than TRACKER_REFRESH_S."""
+        if self.clock() - self.devices_at < TRACKER_REFRESH_S:
+            return
+        for m in batch:
+            try:
+                ngp = orjson.loads(_bytes(m.payload))
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(ngp, dict) and ngp.get("device_id") not in self.devices:
+                try:
+                    await self._load_devices()
+                except (SyncdError, ValidationError) as err:  # telemetry goes on with the devices we know
+                    self.devices_at = self.clock()
+                    log.warning("navixy.devices_not_refreshed", source=self.name, error=str(err))
+                return
+
+    def _page(self, stream: Stream, batch: list[aiomqtt.Message]) -> tuple[Page, list[bytes]]:
+        """Events of new messages (repeats by payload digest skipped), dead letters for unreadable ones."""
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        digests: list[bytes] = []
+        for m in batch:
+            raw = _bytes(m.payload)
+            digest = hashlib.blake2b(raw, digest_size=16).digest()
+            if digest in self._seen or digest in digests:
+                continue
+            digests.append(digest)
+            try:
+                ngp = orjson.loads(raw)
+            except orjson.JSONDecodeError as err:
+                dead.append(DeadLetter(f"payload: not JSON ({err}) on topic {m.topic.value}", raw.decode("utf-8", "replace")))
+                continue
+            if not isinstance(ngp, dict):
+                dead.append(DeadLetter(f"payload: not a JSON object on topic {m.topic.value}", raw.decode("utf-8", "replace")))
+                continue
+            try:
+                head = NgpHeader.model_validate(ngp)
+            except ValidationError as err:
+                dead.append(dead_letter(ngp, err))
+                continue
+            events += self._telemetry(stream.tenant, head, ngp)
+            self._newest_ms = max(self._newest_ms or head.message_time, head.message_time)
+        lag = max(0.0, self.clock() - self._newest_ms / 1000) if self._newest_ms is not None else None
+        cursor = {"session": self.client_id, "newest_ms": self._newest_ms}
+        return Page(events, cursor, done=False, dead=dead, lag_s=lag), digests
+
+    def _telemetry(self, tenant: str, head: NgpHeader, ngp: dict[str, Any]) -> list[Event]:
+        device, known = self.devices.get(head.device_id, (head.device_id, {"device_id": head.device_id}))
+        attrs = dict(known)
+        if head.event_id is not None:
+            attrs["event_id"] = str(head.event_id)
+        if head.version is not None:
+            attrs["version"] = str(head.version)
+        values: list[tuple[str, float | None, str | None]] = []
+        for key, value in ngp.items():
+            if key not in NGP_HEADER:
+                flatten(key, value, values)
+        return [self.event("telemetry", tenant, device, metric, head.message_time, value, text, attrs)
+                for metric, value, text in values]
+
+    def _remember(self, digests: list[bytes]) -> None:
+        for d in digests:
+            self._seen.add(d)
+            self._seen_order.append(d)
+        while len(self._seen_order) > SEEN_MAX:
+            self._seen.discard(self._seen_order.popleft())
+
+
+def _code(rc: Any) -> int:
+    """A paho reason code (object or int) as an int."""
+    return int(getattr(rc, "value", rc))
+
+
+def _bytes(payload: Any) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    return str(payload).encode() if payload is not None else b""
+
+
+def _navixy_status(body: bytes) -> tuple[int | None, str]:
+    """`status.code` and `status.description` of a Navixy error body, for messages only."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, body[:200].decode("utf-8", "replace")
+    status = data.get("status") if isinstance(data, dict) else None
+    if not isinstance(status, dict):
+        return None, ""
+    code = status.get("code")
+    return (code if isinstance(code, int) else None), str(status.get("description") or "")
