@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import aiohttp
+from pydantic import ValidationError
+
+from syncd.errors import SyncdError
+from syncd.http import RetryPolicy, TokenBucket, VendorClient
+from syncd.settings import NavixySource as NavixyConfig
 from syncd.settings import Settings
+
+CHECK_RETRY = RetryPolicy(attempts=2, rate_limited_attempts=3, cap=2.0)  # `check` answers fast, the daemon retries
+CHECK_TIMEOUT = 15.0
 
 
 def warnings(settings: Settings) -> list[str]:
@@ -12,4 +21,49 @@ def warnings(settings: Settings) -> list[str]:
     for i, s in enumerate(settings.sources):
         if s.interval < 1:
             out.append(f"sources[{i}].interval: {s.interval}s is very short; vendors may rate-limit")
+        if isinstance(s, NavixyConfig) and s.enabled and "telemetry" in (s.streams or ["telemetry"]):
+            if not (s.mqtt_url and s.topics):
+                out.append(f"sources[{i}] ({s.name}): Navixy telemetry arrives only by MQTT: set mqtt_url and topics")
     return out
+
+
+async def network_warnings(settings: Settings) -> list[str]:
+    """Checks that ask the vendor; a network failure is a warning too, never a crash."""
+    out: list[str] = []
+    for i, s in enumerate(settings.sources):
+        if isinstance(s, NavixyConfig) and s.enabled and s.topics:
+            out += await _navixy_topics(i, s)
+    return out
+
+
+async def _navixy_topics(i: int, cfg: NavixyConfig) -> list[str]:
+    """Each configured topic filter should match a topic that an enabled flow's MQTT output endpoint publishes to."""
+    from syncd.sources.navixy import NavixySource
+
+    where = f"sources[{i}] ({cfg.name})"
+    async with aiohttp.ClientSession() as session:
+        bucket = TokenBucket(cfg.rate or NavixySource.default_rate, cfg.burst or NavixySource.default_burst)
+        client = VendorClient(session, bucket, timeout=min(cfg.timeout, CHECK_TIMEOUT), tls_verify=cfg.tls_verify,
+                              retry=CHECK_RETRY, map_error=NavixySource.map_error)
+        try:
+            outputs = await NavixySource(cfg, client).mqtt_outputs()
+        except (SyncdError, ValidationError) as err:
+            return [f"{where}: could not check the Navixy flows: {err}"]
+    published = sorted({t for flow, ep in outputs if flow.enabled and ep.type == "output_mqtt_client" for t in ep.topics})
+    out = []
+    for j, wanted in enumerate(cfg.topics):
+        if not any(topic_matches(wanted, t) for t in published):
+            out.append(f"{where}.topics[{j}]: no enabled Navixy flow has an MQTT output endpoint publishing to "
+                       f"{wanted!r} (enabled flows publish to {published or 'nothing'})")
+    return out
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT topic filter matching (`+` one level, `#` the rest)."""
+    p, t = pattern.split("/"), topic.split("/")
+    for k, level in enumerate(p):
+        if level == "#":
+            return True
+        if k >= len(t) or (level != "+" and level != t[k]):
+            return False
+    return len(p) == len(t)
