@@ -103,9 +103,9 @@ def _check(path: str) -> int:
             print(line)
         print(f"{len(err.problems)} problem(s) in {path}")
         return 2
-    from syncd.checks import warnings
+    from syncd.checks import network_warnings, warnings
 
-    for line in warnings(settings):
+    for line in warnings(settings) + asyncio.run(network_warnings(settings)):
         print(f"warning: {line}")
     print(f"{path}: OK ({len(settings.sources)} source(s), mqtt {'on' if settings.mqtt else 'off'})")
     return 0

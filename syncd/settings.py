@@ -196,6 +196,13 @@ class NavixySource(SourceBase):
     mqtt_password: SecretStr = SecretStr("")
     topics: list[str] = []
 
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, v: str) -> str:
+        if v and not v.startswith(("mqtt://", "mqtts://")):
+            raise ValueError("must start with mqtt:// or mqtts://")
+        return v
+
     @property
     def api_root(self) -> str:
         return self.base_url or f"https://api.{self.region}.navixy.com/v2"
