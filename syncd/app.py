@@ -120,13 +120,14 @@ class Daemon:
         limit = self.settings.spool.max_bytes
         while self.spool.pending_bytes >= limit and not self.syncer.stop.is_set():
             if self.settings.spool.on_full == "drop_oldest":
-                sink = await self.spool.run(self.spool.laggard)
-                if sink is None:
-                    return
-                rows = await self.spool.run(self.spool.drop_oldest, sink)
-                self.metrics.inc("syncd_spool_dropped_rows_total", rows, sink=sink)
-                log.warning("spool.full_dropped_oldest", sink=sink, rows=rows, limit=limit)
-                continue
+                # Only a failing sink gives up data; a healthy one that is merely behind is waited for.
+                lagging = await self.spool.run(self.spool.laggards)
+                failing = [d.sink.name for d in self.drainers if not d.healthy and d.sink.name in lagging]
+                if failing:
+                    rows = await self.spool.run(self.spool.drop_oldest, failing[0])
+                    self.metrics.inc("syncd_spool_dropped_rows_total", rows, sink=failing[0])
+                    log.warning("spool.full_dropped_oldest", sink=failing[0], rows=rows, limit=limit)
+                    continue
             if not self._full_logged:
                 log.warning("spool.full_pausing_pollers", pending_bytes=self.spool.pending_bytes, limit=limit)
                 self._full_logged = True

@@ -148,8 +148,12 @@ class Spool:
                 return None
             with self._tx():
                 self._db.execute("UPDATE sinks SET inflight_first=?, inflight_last=? WHERE name=?", (first, last, sink))
-        pages = [orjson.loads(d) for (d,) in self._db.execute(
-            "SELECT data FROM pages WHERE id BETWEEN ? AND ? ORDER BY id", (first, last))]
+        pages = []
+        for created, data in self._db.execute(
+                "SELECT created, data FROM pages WHERE id BETWEEN ? AND ? ORDER BY id", (first, last)):
+            page = orjson.loads(data)
+            page["at"] = created  # when syncd stored it: how old an event was when fetched (mqtt.max_age)
+            pages.append(page)
         return Batch(sink, first, last, f"{self.epoch}-{sink}-{first}-{last}", pages)
 
     def ack(self, batch: Batch) -> None:
@@ -176,9 +180,10 @@ class Spool:
             self._collect()
         return int(row[1])
 
-    def laggard(self) -> str | None:
-        row = self._db.execute("SELECT name FROM sinks ORDER BY delivered LIMIT 1").fetchone()
-        return row[0] if row else None
+    def laggards(self) -> list[str]:
+        """The sinks holding the oldest undelivered page (the ones a full spool waits for)."""
+        return [r[0] for r in self._db.execute(
+            "SELECT name FROM sinks WHERE delivered = (SELECT MIN(delivered) FROM sinks) ORDER BY name")]
 
     def _delivered(self, sink: str) -> int:
         return int(self._db.execute("SELECT delivered FROM sinks WHERE name=?", (sink,)).fetchone()[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from syncd.settings import Settings
 from syncd.sinks.base import Sink
 from syncd.sinks.clickhouse import ClickHouseSink
+from syncd.sinks.mqtt import MqttSink
 
 
 def build_sinks(settings: Settings) -> list[Sink]:
@@ -13,4 +14,6 @@ def build_sinks(settings: Settings) -> list[Sink]:
         ClickHouseSink(settings.clickhouse_dsn, ch.database, cluster=ch.cluster, ttl=ch.ttl, batch_rows=ch.batch_rows,
                        batch_age=ch.batch_age, instance=settings.syncd.instance)
     ]
+    if settings.mqtt is not None:
+        sinks.append(MqttSink(settings.mqtt, instance=settings.syncd.instance))
     return sinks

@@ -26,7 +26,8 @@ class Sink(ABC):
         """Connect / prepare; may raise, the drainer retries."""
 
     @abstractmethod
-    async def write(self, batch: Batch) -> None: ...
+    async def write(self, batch: Batch) -> int | None:
+        """Write every row of the batch; returns the rows deliberately left out (counted, e.g. too old for MQTT)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -73,7 +74,7 @@ class Drainer:
                 if batch is None:
                     return
                 started = time.monotonic()
-                await self.sink.write(batch)
+                skipped = await self.sink.write(batch)
                 await self.spool.run(self.spool.ack, batch)
             except asyncio.CancelledError:
                 raise
@@ -94,7 +95,9 @@ class Drainer:
             if not self.healthy:
                 log.info("sink.recovered", sink=self.sink.name, attempts=attempt)
                 self.healthy = True
-            rows = batch.rows
+            rows = batch.rows - (skipped or 0)
+            if skipped:
+                self.metrics.inc("syncd_sink_skipped_rows_total", skipped, sink=self.sink.name, reason="max_age")
             self.delivered_rows += rows
             self.metrics.inc("syncd_sink_rows_total", rows, sink=self.sink.name)
             self.metrics.inc("syncd_sink_batches_total", sink=self.sink.name)

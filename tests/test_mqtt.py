@@ -1,0 +1,236 @@
+"""MQTT sink against a real Mosquitto: every fresh event, retained state, will, outages, back-pressure, topics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import aiomqtt
+
+from syncd.events import Event
+from syncd.settings import MqttSettings
+from syncd.sim.common import sims_in_thread
+from syncd.sim.iotopen import IotOpenSim
+from syncd.sinks.mqtt import MqttSink, topic_level, topic_name
+from syncd.spool import Batch
+from tests.conftest import Mosquitto, free_port
+from tests.helpers import ch, popen_syncd, syncd, write_config
+from tests.mqtt_helpers import Subscriber, metrics, retained, wait_for
+
+
+def _config(tmp: Path, sim: IotOpenSim, broker: Mosquitto, extra: str = "", http_port: int | None = None,
+            page_size: int = 500) -> Path:
+    cfg = write_config(tmp, [sim], f'\n[mqtt]\nurl = "{broker.url}"\n{extra}\n[clickhouse]\nbatch_age = "200ms"\n')
+    text = cfg.read_text().replace('interval = "5s"', f'interval = "1s"\npage_size = {page_size}')
+    if http_port:
+        text = text.replace('http = ""', f'http = "127.0.0.1:{http_port}"')
+    cfg.write_text(text)
+    return cfg
+
+
+def _total(m: dict[str, float], name: str, **labels: str) -> float:
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in m.items() if (k == name or k.startswith(name + "{")) and all(w in k for w in want))
+
+
+def _stored_ids(data: Path) -> set[int]:
+    (rows,) = ch(data, "SELECT toString(event_id) FROM syncd.events FINAL")
+    return {int(r[0]) for r in rows}
+
+
+def test_subscriber_sees_every_fresh_event(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    sim = IotOpenSim(seed=31, installations=2, topics_per_installation=6, log_points=4000, history=600)
+    sub = Subscriber(mosquitto.port)
+    try:
+        with sims_in_thread([sim]):
+            cfg = _config(tmp_path, sim, mosquitto)
+            r = syncd("run", "--config", str(cfg), "--once")
+            assert r.returncode == 0, r.stderr[-3000:]
+        sub.wait_quiet()
+        events = sub.events()
+    finally:
+        sub.close()
+    stored = _stored_ids(tmp_path / "data")
+    assert len(stored) == 4000 + 12
+    seen = {int(p["event_id"]) for _, p in events}
+    assert seen == stored
+    # the payload of DESIGN.md, with ts in ISO 8601 UTC milliseconds; history is not retained
+    topic, first = events[0]
+    assert set(first) == {"event_id", "source", "kind", "ts", "value", "text", "attrs"}
+    assert first["ts"].endswith("Z") and len(first["ts"]) == len("2026-01-01T00:00:00.000Z")
+    assert topic.startswith("syncd/iotopen/") and topic.count("/") == 4
+
+
+def test_backfill_older_than_max_age_goes_to_clickhouse_only(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    sim = IotOpenSim(seed=32, installations=1, topics_per_installation=4, log_points=1000, history=6 * 3600)
+    sub = Subscriber(mosquitto.port)
+    try:
+        with sims_in_thread([sim]):
+            cfg = _config(tmp_path, sim, mosquitto, 'max_age = "1h"')
+            r = syncd("run", "--config", str(cfg), "--once")
+            assert r.returncode == 0, r.stderr[-3000:]
+        sub.wait_quiet()
+        seen = sub.event_ids()
+    finally:
+        sub.close()
+    (fresh, total) = ch(tmp_path / "data",
+                        "SELECT toString(event_id) FROM syncd.events FINAL WHERE ts >= now64(3) - INTERVAL 55 MINUTE",
+                        "SELECT count() FROM syncd.events FINAL")
+    fresh_ids = {int(r[0]) for r in fresh}
+    assert total[0][0] == 1004
+    assert 0 < len(seen) < 1004
+    assert fresh_ids <= seen  # everything fetched within the hour went out (a margin for run time)
+
+
+def test_broker_outage_mid_run_loses_nothing_and_clickhouse_never_waits(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    sim = IotOpenSim(seed=33, installations=2, topics_per_installation=5, log_points=12_000, history=600)
+    port = free_port()
+    sub = Subscriber(mosquitto.port, client_id="alerts-pipeline", persistent=True)
+    with sims_in_thread([sim]):
+        sim.faults.slow = 0.03  # the run takes a few seconds, so the broker can die in the middle of it
+        cfg = _config(tmp_path, sim, mosquitto, http_port=port, page_size=200)
+        proc = popen_syncd("run", "--config", str(cfg), stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: _total(metrics(port), "syncd_sink_rows_total", sink="mqtt") > 0)
+            mosquitto.stop()
+            down_at = _total(metrics(port), "syncd_sink_rows_total", sink="mqtt")
+            # while the broker is down, ClickHouse takes every fetched event; the MQTT backlog waits in the spool
+            wait_for(lambda: (m := metrics(port)) and _total(m, "syncd_events_total") == 12_010
+                     and _total(m, "syncd_sink_rows_total", sink="clickhouse") == 12_010)
+            m = metrics(port)
+            assert _total(m, "syncd_sink_rows_total", sink="mqtt") < 12_010
+            assert _total(m, "syncd_sink_errors_total", sink="mqtt") >= 1
+            assert down_at < 12_010
+            mosquitto.start()
+            wait_for(lambda: _total(metrics(port), "syncd_sink_rows_total", sink="mqtt") >= 12_010, timeout=90)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    assert proc.returncode == 0
+    wait_for(lambda: sub.event_ids() >= _stored_ids(tmp_path / "data"), timeout=30, every=1.0)
+    sub.close()
+    assert len(_stored_ids(tmp_path / "data")) == 12_010
+
+
+def test_retained_status_is_newest_and_state_topic_tracks_the_daemon(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    sim = IotOpenSim(seed=34, installations=2, topics_per_installation=4, log_points=200, history=600, live=True)
+    port = free_port()
+    with sims_in_thread([sim]):
+        cfg = _config(tmp_path, sim, mosquitto, http_port=port)
+        for _ in range(2):  # the live simulator moves on between runs: the second status is newer
+            r = syncd("run", "--config", str(cfg), "--once")
+            assert r.returncode == 0, r.stderr[-3000:]
+            time.sleep(1.2)
+        state = "syncd/_syncd/syncd-0/state"
+        assert retained(mosquitto.port, state) == {state: b"offline"}  # a clean stop leaves offline
+        keep = retained(mosquitto.port, "syncd/iotopen/#")
+        (newest,) = ch(tmp_path / "data", "SELECT tenant, device, metric, toString(argMax(event_id, ts)) "
+                                          "FROM syncd.events FINAL WHERE kind = 'status' GROUP BY tenant, device, metric")
+        want = {f"syncd/iotopen/{topic_level(t)}/{topic_level(d)}/{topic_level(mt)}": int(e) for t, d, mt, e in newest}
+        assert {t: int(json.loads(p)["event_id"]) for t, p in keep.items()} == want
+        assert all(json.loads(p)["kind"] == "status" for p in keep.values())
+
+        proc = popen_syncd("run", "--config", str(cfg), stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: retained(mosquitto.port, state, wait=0.3).get(state) == b"online", timeout=60)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        wait_for(lambda: retained(mosquitto.port, state, wait=0.3).get(state) == b"offline", timeout=30)
+
+
+def test_hostile_names_make_distinct_valid_topics(mosquitto: Mosquitto) -> None:
+    names = ["a/b", "a", "+", "#", "$SYS", "x\x00y", "%2F", "a%2Fb", "plain"]
+    for n in names:
+        level = topic_level(n)
+        assert not any(c in level for c in "/+#\x00") and not level.startswith("$") and topic_name(level) == n
+    assert len({topic_level(n) for n in names}) == len(names)
+
+    async def scenario() -> tuple[dict[str, set[int]], dict[str, set[int]]]:
+        now = int(time.time() * 1000)
+        events = [Event("src", "ven", "log", "ten", dev, metric, now - i) for i, (dev, metric) in enumerate(
+            [(d, m) for d in names for m in ("m", "b/m", "#", "+")])]
+        expected: dict[str, set[int]] = {}
+        for e in events:
+            expected.setdefault(e.device, set()).add(e.event_id)
+        got: dict[str, set[int]] = {d: set() for d in names}
+        clients = [aiomqtt.Client("127.0.0.1", mosquitto.port) for _ in names]
+        for client, d in zip(clients, names, strict=True):  # one single-level wildcard per device, one client each
+            await client.__aenter__()
+            await client.subscribe(f"syncd/ven/ten/{topic_level(d)}/+", qos=1)
+        sink = MqttSink(MqttSettings(url=mosquitto.url), instance="hostile/+#")
+        await sink.write(Batch("mqtt", 1, 1, "t", [{"e": [e.row() for e in events], "at": time.time()}]))
+        await sink.close()
+
+        async def collect(client: aiomqtt.Client, device: str) -> None:
+            async for msg in client.messages:
+                levels = str(msg.topic).split("/")
+                assert len(levels) == 5, msg.topic
+                assert topic_name(levels[3]) == device  # the wildcard matched this device and no other
+                got[device].add(int(json.loads(msg.payload)["event_id"]))  # type: ignore[arg-type]
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(collect(c, d) for c, d in zip(clients, names, strict=True))), 3)
+        except TimeoutError:
+            pass
+        for client in clients:
+            await client.__aexit__(None, None, None)
+        return expected, got
+
+    expected, got = asyncio.run(scenario())
+    assert got == expected
+    state = retained(mosquitto.port, "syncd/_syncd/#")
+    assert list(state) == [f"syncd/_syncd/{topic_level('hostile/+#')}/state"]  # the instance name adds no level
+
+
+def test_full_spool_with_broker_down_pauses_pollers_then_resumes(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    sim = IotOpenSim(seed=35, installations=1, topics_per_installation=5, log_points=6000, history=600)
+    port = free_port()
+    mosquitto.stop()
+    with sims_in_thread([sim]):
+        cfg = _config(tmp_path, sim, mosquitto, http_port=port, page_size=100)
+        cfg.write_text(cfg.read_text() + '\n[spool]\nmax_bytes = "64KiB"\n')
+        proc = popen_syncd("run", "--config", str(cfg), "--once", stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: metrics(port).get("syncd_pollers_paused") == 1)
+            paused_at = _total(metrics(port), "syncd_events_total")
+            time.sleep(1.5)
+            m = metrics(port)
+            assert _total(m, "syncd_events_total") == paused_at < 6005  # nothing fetched while full
+            assert _total(m, "syncd_sink_rows_total", sink="clickhouse") == paused_at  # ClickHouse kept up
+            mosquitto.start()
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert '"spool.full_pausing_pollers"' in err and '"spool.room_again"' in err
+    assert len(_stored_ids(tmp_path / "data")) == 6005
+
+
+def test_full_spool_drop_oldest_counts_what_mqtt_lost(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    sim = IotOpenSim(seed=36, installations=1, topics_per_installation=5, log_points=6000, history=600)
+    port = free_port()
+    mosquitto.stop()
+    with sims_in_thread([sim]):
+        cfg = _config(tmp_path, sim, mosquitto, http_port=port, page_size=100)
+        cfg.write_text(cfg.read_text() + '\n[spool]\nmax_bytes = "64KiB"\non_full = "drop_oldest"\n')
+        proc = popen_syncd("run", "--config", str(cfg), stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: (m := metrics(port)) and _total(m, "syncd_events_total") == 6005
+                     and _total(m, "syncd_sink_rows_total", sink="clickhouse") == 6005)
+            dropped = _total(metrics(port), "syncd_spool_dropped_rows_total", sink="mqtt")
+            assert dropped > 0
+            mosquitto.start()
+            wait_for(lambda: (m := metrics(port)) and _total(m, "syncd_sink_rows_total", sink="mqtt")
+                     + _total(m, "syncd_spool_dropped_rows_total", sink="mqtt") == 6005, timeout=90)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert '"spool.full_dropped_oldest"' in err  # warned, and counted above: never silent
+    assert len(_stored_ids(tmp_path / "data")) == 6005
