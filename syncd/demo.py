@@ -42,7 +42,7 @@ async def demo(data_dir: Path, duration: float, *, mqtt_url: str = "", seed: int
     await daemon.start()
     runner = asyncio.create_task(daemon.run_forever(stop))
     started = time.monotonic()
-    last_events, last_t = 0.0, started
+    last_events, last_published, last_t = 0.0, 0.0, started
     try:
         while not stop.is_set() and time.monotonic() - started < duration:
             try:
@@ -51,20 +51,24 @@ async def demo(data_dir: Path, duration: float, *, mqtt_url: str = "", seed: int
                 pass
             now = time.monotonic()
             events = daemon.metrics.total("syncd_events_total")
-            stored = daemon.metrics.total("syncd_sink_rows_total")
+            published = daemon.metrics.get("syncd_sink_rows_total", sink="mqtt")
             rate = (events - last_events) / max(1e-6, now - last_t)
-            last_events, last_t = events, now
+            mqtt_text = f"  mqtt {(published - last_published) / max(1e-6, now - last_t):7.0f} ev/s" if mqtt_url else ""
+            last_events, last_published, last_t = events, published, now
             lags: dict[str, float] = {}
             for st in daemon.syncer.states.values():
                 if st.lag_s is not None:
                     lags[st.source] = max(lags.get(st.source, 0.0), st.lag_s)
             lag_text = " ".join(f"{k}:{v:.0f}s" for k, v in sorted(lags.items())) or "-"
-            print(f"[{now - started:5.1f}s] fetched {events:8.0f}  stored {stored:8.0f}  {rate:8.0f} ev/s  "
+            stored = daemon.metrics.get("syncd_sink_rows_total", sink="clickhouse")
+            print(f"[{now - started:5.1f}s] fetched {events:8.0f}  stored {stored:8.0f}  {rate:8.0f} ev/s{mqtt_text}  "
                   f"spool {daemon.spool.pending_bytes / 1e6:6.1f} MB  lag {lag_text}", file=out, flush=True)
     finally:
         stop.set()
         await runner
         await daemon.stop()
+        published = daemon.metrics.get("syncd_sink_rows_total", sink="mqtt")
+        too_old = daemon.metrics.get("syncd_sink_skipped_rows_total", sink="mqtt", reason="max_age")
         for r in runners:
             await r.cleanup()
     client = connect(settings.clickhouse_dsn, settings.clickhouse.database)
@@ -80,5 +84,8 @@ async def demo(data_dir: Path, duration: float, *, mqtt_url: str = "", seed: int
         print(f"{vendor:10} {kind:10} {events:>10} {devices:>8}  {newest}", file=out)
     total, ok = status.result_rows[0]
     print(f"streams: {ok}/{total} healthy; dead letters: {dead.result_rows[0][0]}", file=out)
+    if mqtt_url:
+        print(f"mqtt: {published:.0f} events published to {mqtt_url} ({too_old:.0f} older than max_age kept "
+              "ClickHouse-only)", file=out)
     print(f"query it: syncd query --config {cfg} \"SELECT count() FROM syncd.events\"", file=out)
     return 0

@@ -89,7 +89,7 @@ class MqttSink(Sink):
             self.host, self.port, username=s.username or None, password=s.password.get_secret_value() or None,
             identifier=s.client_id or f"syncd-{self.instance}", clean_session=True, timeout=ACK_TIMEOUT,
             will=aiomqtt.Will(self.state_topic, b"offline", qos=1, retain=True), tls_context=tls_context,
-            max_inflight_messages=PUBLISH_WINDOW, keepalive=30,
+            max_inflight_messages=0, keepalive=30,  # 0: unlimited in paho; our window bounds it, and paho skips a per-ack scan
         )
         return client
 

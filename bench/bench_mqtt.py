@@ -1,0 +1,85 @@
+"""MQTT publish rate (QoS 1, every publish acknowledged) beside the ClickHouse insert rate, same batches, one run.
+
+Both sinks get the very same spooled batches of fresh events, one after the other in this process; the
+ratio publish/insert says whether the bus or the store limits a syncd that feeds both.
+Usage: python bench/bench_mqtt.py [--events 200000] [--batch 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from syncd.events import Event
+from syncd.settings import MqttSettings
+from syncd.sinks.clickhouse import ClickHouseSink
+from syncd.sinks.mqtt import MqttSink
+from syncd.spool import Batch
+
+
+def _broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("mosquitto did not start")
+
+
+def _batches(n: int, size: int) -> list[Batch]:
+    now = int(time.time() * 1000)
+    rows = [Event("bench", "iotopen", "log", str(i % 4), str(i % 40), f"sensor/{i % 10}", now - i, float(i), None,
+                  {"unit": "C"}).row() for i in range(n)]
+    return [Batch("x", i, i, f"bench-{i}", [{"e": rows[i:i + size], "at": time.time()}]) for i in range(0, n, size)]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=5_000)
+    args = parser.parse_args()
+    batches = _batches(args.events, args.batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = _broker(Path(tmp))
+        try:
+            ch = ClickHouseSink(f"chdb://{tmp}/clickhouse", "bench")
+            await ch.open()
+            t0 = time.perf_counter()
+            for b in batches:
+                await ch.write(b)
+            t_ch = time.perf_counter() - t0
+            await ch.close()
+
+            mq = MqttSink(MqttSettings(url=f"mqtt://127.0.0.1:{port}"), instance="bench")
+            await mq.open()
+            t0 = time.perf_counter()
+            for b in batches:
+                await mq.write(b)
+            t_mq = time.perf_counter() - t0
+            await mq.close()
+        finally:
+            proc.terminate()
+            proc.wait()
+    n = args.events
+    print(f"{n} fresh events in batches of {args.batch}")
+    print(f"clickhouse insert (embedded chdb)   : {n / t_ch:10.0f} events/s  ({t_ch:.2f} s)")
+    print(f"mqtt publish (QoS 1, all acked)     : {n / t_mq:10.0f} events/s  ({t_mq:.2f} s)")
+    print(f"ratio mqtt/clickhouse: {(n / t_mq) / (n / t_ch):.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
