@@ -30,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP) mosquitto
 	$(BIN)/python bench/bench_iotopen.py
+	$(BIN)/python bench/bench_mqtt.py
 
 sim: $(STAMP)
 	$(BIN)/syncd sim --write-config data/sim.toml
