@@ -5,6 +5,7 @@ Brief: shared/vendors/ioto.md. Assumptions live in the constants below.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
@@ -25,8 +26,9 @@ METRIC_STATISTIC = "avg"  # [A] one statistic per series keeps the table small; 
 METRIC_PERIOD = 300  # [A] the finest live span (5 min): its points are the closest thing to history
 MS_THRESHOLD = 1e11  # [A] point timestamps are "seconds" or "milli-seconds" depending on the document: above is ms
 DEVICE_DIMENSION = "Device"  # [A] the dimension that names a device's own series
-# [A] list order is undocumented: we rely on the primary index returning Log and Alert items oldest first
-# (ULID ids sort by time), so "id > newest id seen" means "not read before".
+# [A] list order is undocumented: we rely on the primary index returning a device's Log items oldest first (their
+# ULID ids sort by time, as the simulator serves them), so "id > newest id seen" means "not read before".
+# Alerts do not rely on order (see _fetch_alerts) but on `timestamp` staying put when `resolved` flips [A].
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
@@ -106,9 +108,11 @@ class LogItem(_Item):
 
     def ts_ms(self) -> int:
         ts = ulid_ms(self.id)
-        if ts is None and self.updated is None:
+        if ts is not None:
+            return ts
+        if self.updated is None:
             raise ValueError("id: not a ULID and no updated date")
-        return ts if ts is not None else self.updated  # type: ignore[return-value]
+        return self.updated
 
 
 class MetricSeries(_Item):
@@ -435,8 +439,6 @@ def _valid(model: type[DeviceRecord], raw: list[Any]) -> list[DeviceRecord]:
     """Inventory records that validate; a bad one only loses its streams until it is fixed."""
     out = []
     for r in raw:
-        try:
+        with contextlib.suppress(ValidationError):
             out.append(model.model_validate(r))
-        except ValidationError:
-            continue
     return out
