@@ -22,7 +22,7 @@ import pytest
 from syncd.sim.common import sims_in_thread
 from syncd.sim.navixy import TOPICS, NavixySim, _h
 from tests.conftest import Mosquitto
-from tests.helpers import ch, stored_keys, syncd, truth_keys, write_config
+from tests.helpers import ch, syncd, truth_keys, write_config
 
 MESSAGES = 150
 TRACKERS = 7  # 4 trackers in the MQTT flow + the emulator publish; 7 trackers = mapping pages 0, 2, 4, 6 at limit 2
@@ -36,12 +36,31 @@ BAD_MESSAGES = [
 ]
 
 
+# Read once after the scenario (every ch() call is a subprocess opening the embedded store).
+QUERIES = {
+    "stored": "SELECT kind, tenant, device, metric, toUnixTimestamp64Milli(ts), value, text FROM syncd.events FINAL",
+    "counts": "SELECT count(), uniqExact(event_id) FROM syncd.events",
+    "telemetry_rows": "SELECT count() FROM syncd.events WHERE kind = 'telemetry'",
+    "tenants": "SELECT DISTINCT tenant FROM syncd.events",
+    "metrics": "SELECT metric, count(), countIf(value IS NOT NULL), countIf(text IS NOT NULL), "
+               "groupUniqArrayIf(toString(value), metric = 'is_moving') FROM syncd.events GROUP BY metric",
+    "header_attrs": "SELECT attrs['version'], countIf(attrs['event_id'] != '') > 0 FROM syncd.events GROUP BY attrs['version']",
+    "devices": "SELECT DISTINCT device, attrs['device_id'], attrs['label'], attrs['model'], attrs['tracker_id'], "
+               "attrs['flow_id'] FROM syncd.events",
+    "dead": "SELECT reason, payload FROM syncd.dead_letter WHERE vendor = 'navixy' ORDER BY reason",
+}
+
+
 @dataclass
 class Scenario:
     sim: NavixySim
     data: Path
     runs: list[subprocess.CompletedProcess[str]]
     counts: list[list[list[Any]]]  # count(), uniqExact(event_id) after runs 2 and 3
+    q: dict[str, list[list[Any]]]
+
+    def stored(self) -> dict[tuple[str, str, str, str, int], tuple[Any, Any]]:
+        return {(r[0], r[1], r[2], r[3], int(r[4])): (r[5], r[6]) for r in self.q["stored"]}
 
 
 async def publish_raw(url: str, payloads: list[bytes]) -> None:
@@ -68,8 +87,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
             runs.append(syncd("run", "--config", str(cfg), "--once"))
             counts = [ch(tmp / "data", "SELECT count(), uniqExact(event_id) FROM syncd.events")[0]]
             runs.append(syncd("run", "--config", str(cfg), "--once"))
-            counts.append(ch(tmp / "data", "SELECT count(), uniqExact(event_id) FROM syncd.events")[0])
-        yield Scenario(sim, tmp / "data", runs, counts)
+        results = ch(tmp / "data", *QUERIES.values())
+        counts.append(results[1])
+        yield Scenario(sim, tmp / "data", runs, counts, dict(zip(QUERIES, results, strict=True)))
     finally:
         broker.stop()
 
@@ -82,14 +102,13 @@ def test_once_stores_ground_truth_then_adds_nothing(scenario: Scenario) -> None:
     for r in scenario.runs:
         assert r.returncode == 0, r.stderr[-3000:]
     truth = truth_keys(scenario.sim)
-    stored = stored_keys(scenario.data, "navixy")
+    stored = scenario.stored()
     assert len(truth) > MESSAGES * 10  # every message has a dozen attributes
     assert stored.keys() == truth.keys()
     for key in random.Random(1).sample(sorted(truth), 400):  # a sample of values, text included
         assert stored[key] == truth[key], key
     assert scenario.counts[0] == scenario.counts[1] == [[len(truth), len(truth)]]  # run 3 added 0 rows
-    (tenants,) = ch(scenario.data, "SELECT DISTINCT tenant FROM syncd.events")
-    assert tenants == [[str(scenario.sim.user_id)]]  # the account's user id (user/get_info)
+    assert scenario.q["tenants"] == [[str(scenario.sim.user_id)]]  # the account's user id (user/get_info)
 
 
 def test_messages_published_while_syncd_was_down_arrive_on_the_next_run(scenario: Scenario) -> None:
@@ -106,14 +125,11 @@ def test_qos1_duplicate_delivery_stores_one_row(scenario: Scenario) -> None:
     sim = scenario.sim
     repeated = [(p, ts) for p, stamps in sim._published.items() for ts in stamps if _h(sim.seed, p, ts, "dup") % 20 == 0]
     assert repeated and len(TOPICS) == 2  # the broker delivered 2 or 3 copies of each message
-    (raw_count,) = ch(scenario.data, "SELECT count() FROM syncd.events WHERE kind = 'telemetry'")
-    assert raw_count == [[len(truth_keys(sim))]]  # without FINAL: no copy reached the table
+    assert scenario.q["telemetry_rows"] == [[len(truth_keys(sim))]]  # without FINAL: no copy reached the table
 
 
 def test_ngp_flattening_nested_location_bools_and_strings(scenario: Scenario) -> None:
-    (rows,) = ch(scenario.data, "SELECT metric, count(), countIf(value IS NOT NULL), countIf(text IS NOT NULL), "
-                                "groupUniqArrayIf(toString(value), metric = 'is_moving') FROM syncd.events GROUP BY metric")
-    by_metric = {r[0]: r[1:] for r in rows}
+    by_metric = {r[0]: r[1:] for r in scenario.q["metrics"]}
     for nested in ("location.latitude", "location.longitude", "location.speed", "location.satellites"):
         n, numeric, text, _ = by_metric[nested]
         assert n == numeric > 0 and text == 0, nested
@@ -125,17 +141,13 @@ def test_ngp_flattening_nested_location_bools_and_strings(scenario: Scenario) ->
     assert 'custom_Füllstand "Silo/2" #+$' in by_metric  # odd attribute names pass through unchanged
     assert not {"device_id", "message_time", "version", "event_id"} & set(by_metric)  # header fields are attrs
     assert not any(m.startswith("mobile_cells") for m in by_metric)  # arrays give no metric
-    (attrs,) = ch(scenario.data, "SELECT attrs['version'], countIf(attrs['event_id'] != '') > 0 FROM syncd.events "
-                                 "GROUP BY attrs['version']")
-    assert attrs == [["1.2", 1]]
+    assert scenario.q["header_attrs"] == [["1.2", 1]]
 
 
 def test_device_is_the_source_id_not_the_tracker_id(scenario: Scenario) -> None:
     sim = scenario.sim
     trackers = [sim.tracker(i) for i in range(sim.n)]
-    (rows,) = ch(scenario.data, "SELECT DISTINCT device, attrs['device_id'], attrs['label'], attrs['model'], "
-                                "attrs['tracker_id'], attrs['flow_id'] FROM syncd.events")
-    by_device = {r[0]: r[1:] for r in rows}
+    by_device = {r[0]: r[1:] for r in scenario.q["devices"]}
     publishing = {str(sim.source_id(i)) for i in sim.publishers() if i >= 0}
     assert set(by_device) == publishing | {sim.orphan}
     assert not set(by_device) & {str(t["id"]) for t in trackers}
@@ -159,7 +171,7 @@ def test_mapping_list_pages_by_offset_limit_and_count(scenario: Scenario) -> Non
 
 
 def test_malformed_ngp_messages_become_dead_letters(scenario: Scenario) -> None:
-    (rows,) = ch(scenario.data, "SELECT reason, payload FROM syncd.dead_letter WHERE vendor = 'navixy' ORDER BY reason")
+    rows = scenario.q["dead"]
     reasons = [r[0] for r in rows]
     assert len(rows) == len(BAD_MESSAGES)
     assert sum(r.startswith("message_time") for r in reasons) == 2  # missing, and "yesterday"
