@@ -11,6 +11,8 @@ Choices the connector must mirror (brief §8 leaves them open):
 - Duplicate DeviceRawData rows (a retried async insert) are exact copies; ground truth keeps one.
 - DataType Enum8 (names assumed, Double = 8 as in [D1]): Boolean 1, Int16 2, UInt16 3, Int32 4, UInt32 5,
   Int64 6, Float 7, Double 8, String 9, DateTime 10.  Device's OData name property is `Name` (seed $filter).
+- `malformed_rows=N` (fault injection, off by default): about N rows render with `"DeviceId":null` (a Nullable
+  column after a schema change) or the zero DateTime `"0000-00-00 00:00:00.000"`; ground_truth() leaves them out.
 - Visibility: a row is readable 1 s after its Time; with `late` on, ~2.5 % of rows only 90-240 s after.
   ground_truth() = what is readable now with Time <= now - 10 s (all history when not live).
 """
@@ -25,6 +27,7 @@ import math
 import operator
 import re
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from functools import lru_cache
@@ -464,11 +467,12 @@ class ProxusSim(VendorSim):
                  keys_per_device: int = 4, rows: int = 5000, history: float = 3600, alerts: int = 20,
                  late: bool = False, token_style: str = "alternate", token_ttl: float = 3600,
                  odata_page_size: int = 100, username: str = "syncd", password: str = "proxus-sim",
-                 tenant: str = "proxus-sim", rate_limit: int | None = None) -> None:
+                 tenant: str = "proxus-sim", rate_limit: int | None = None, malformed_rows: int = 0) -> None:
         super().__init__(seed, clock=clock)
         if token_style not in ("quoted", "bare", "alternate"):
             raise ValueError("token_style must be quoted, bare or alternate")
         self.live, self.late, self.token_style, self.token_ttl = live, late, token_style, token_ttl
+        self.malformed_every = max(1, rows // malformed_rows) if malformed_rows > 0 else 0
         self.odata_page_size, self.username, self.password, self.tenant = odata_page_size, username, password, tenant
         self.anchor = clock()
         self.statements: list[str] = []  # every SQL text received, accepted or not
@@ -570,7 +574,7 @@ class ProxusSim(VendorSim):
         now_ms = int(self.clock() * 1000)
         out: dict[tuple[str, str, str, int], TruthRow] = {}
         for r in self._scan(None, now_ms - LAG_MS, False, now_ms):
-            if r[0] <= now_ms - LAG_MS:
+            if r[0] <= now_ms - LAG_MS and not self._malformed(r):
                 value = None if r[4] == STRING or math.isnan(r[5]) else r[5]
                 text = r[6] if r[6] or r[4] == STRING else None
                 out.setdefault(("telemetry", str(r[1]), r[3], r[0]), TruthRow(
@@ -777,7 +781,19 @@ class ProxusSim(VendorSim):
         for n, r in enumerate(matches):
             if n >= cap:
                 return
-            yield _json_line(r, q.cols)
+            bad = self._malformed(r)
+            yield _json_line(r, q.cols) if not bad else _json_line(r, q.cols).replace(*bad, 1)
+
+    def _malformed(self, r: Row) -> tuple[str, str] | None:
+        """The (rendered, broken) spelling of a row hit by the `malformed_rows` fault, else None."""
+        if not self.malformed_every:
+            return None
+        h = _mix(self.seed + 991, r[0] * 64 + r[1] + zlib.crc32(r[3].encode()))
+        if h % self.malformed_every:
+            return None
+        if h >> 63:
+            return f'"DeviceId":{r[1]}', '"DeviceId":null'
+        return f'"Time":"{_fmt_time(r[0])}"', '"Time":"0000-00-00 00:00:00.000"'
 
 
 def _sort_key(i: int) -> Callable[[Row], Any]:
