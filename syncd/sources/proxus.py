@@ -79,7 +79,7 @@ def ch_time_ms(text: str) -> int:
 
 def iso_ms(text: str) -> int:
     """OData DateTimeOffset (ISO 8601, `Z` or offset; naive = UTC) to epoch ms, exactly."""
-    dt = datetime.fromisoformat(_FRACTION.sub(r"\1", text.replace("Z", "+00:00")))
+    dt = datetime.fromisoformat(_FRACTION.sub(r"\1", text))
     _check_year(dt.year)
     dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
     return calendar.timegm(dt.timetuple()) * 1000 + dt.microsecond // 1000
@@ -144,13 +144,6 @@ def proxus_error(status: int, headers: Mapping[str, str], body: bytes, url: str)
     if status == 401:  # the JwtBearer challenge says why (expired, invalid); the body is empty
         why = headers.get("WWW-Authenticate", "")
         return VendorAuthError(f"credential refused (401) by {url}{': ' + why if why else ''}", status=status, url=url)
-    if status == 400:
-        try:
-            err = orjson.loads(body).get("error")
-            message = str(err.get("message") if isinstance(err, dict) else err)
-        except (orjson.JSONDecodeError, AttributeError):
-            message = body[:300].decode("utf-8", "replace")
-        return RequestRejected(f"request rejected (400) by {url}: {message}", status=status, body=message, url=url)
     return default_error(status, headers, body, url)
 
 
@@ -207,13 +200,28 @@ def _line_time(record: dict[str, Any]) -> int | None:
         return None
 
 
-def _trailing_group(records: list[dict[str, Any]]) -> int:
-    """Index where the last (Time, DeviceId) group of a full page starts: that group may go on in the next page."""
-    last = records[-1].get("Time"), records[-1].get("DeviceId")
-    i = len(records) - 1
-    while i > 0 and (records[i - 1].get("Time"), records[i - 1].get("DeviceId")) == last:
-        i -= 1
-    return i
+def _position(record: dict[str, Any]) -> tuple[int, int] | None:
+    """(Time ms, DeviceId) of a line: its keyset position, or None when either is unreadable."""
+    ts, device = _line_time(record), record.get("DeviceId")
+    return (ts, device) if ts is not None and isinstance(device, int) and not isinstance(device, bool) else None
+
+
+def _keep(records: list[dict[str, Any]], start: int) -> tuple[int, tuple[int, int] | None, int]:
+    """For a full page: where to cut, the position to go on after, and how many unreadable lines before the cut
+    may come again at the head of the next page. The last (Time, DeviceId) group may continue in the next page, so
+    it is left for that page; unreadable lines right after the kept part are kept (they may belong to its group)."""
+    positions = [_position(r) for r in records]
+    tail = next((p for p in reversed(positions[start:]) if p is not None), None)
+    if tail is None:
+        raise MalformedResponse("a full telemetry page without one readable Time and DeviceId")
+    for i in range(len(records) - 1, start - 1, -1):
+        p = positions[i]
+        if p is not None and p < tail:
+            j = i + 1
+            while positions[j] is None:  # stops at the tail group, which is readable
+                j += 1
+            return j, p, j - i - 1
+    return start, None, 0
 
 
 class ProxusSource(Source):
@@ -367,20 +375,24 @@ class ProxusSource(Source):
             cursor["run"] = {"from": frm, "upper": upper, "count_from": count_from, "after": None}
         run = cursor["run"]
         after = (int(run["after"][0]), int(run["after"][1])) if run["after"] else None
-        limit = self.page_size
+        limit, seen_unreadable = self.page_size, int(run.get("skip", 0))
         while True:
             records = await self._rows(page_sql(int(run["from"]), after, int(run["upper"]), limit), limit)
-            cut = _trailing_group(records) if len(records) == limit else len(records)
-            if cut > 0 or not records:
+            head = 0  # unreadable lines the last page already took (they sort after its position, so they come again)
+            while head < min(seen_unreadable, len(records)) and _position(records[head]) is None:
+                head += 1
+            if len(records) < limit:  # the server cuts at maxRows without a marker: only a short page is the last
+                cut, last, unreadable = len(records), None, 0
+                break
+            cut, last, unreadable = _keep(records, head)
+            if cut > head:
                 break
             if limit >= MAX_ROWS:  # one device with > 50 000 keys at one millisecond: keys would have to enter the SQL
                 raise RequestRejected(f"more than {MAX_ROWS} rows share Time and DeviceId {records[0].get('DeviceId')}")
             limit = min(MAX_ROWS, limit * 2)  # the whole page is one group: ask for more rows at once
-        events, dead, last = self._normalize(stream.tenant, records[:cut], cursor["counts"], int(run["count_from"]))
-        if len(records) == limit:
-            if last is None:
-                raise MalformedResponse("a full telemetry page without one readable Time and DeviceId")
-            run["after"] = list(last)
+        events, dead = self._normalize(stream.tenant, records[head:cut], cursor["counts"], int(run["count_from"]))
+        if last is not None:
+            run.update(after=list(last), skip=unreadable)
             return Page(events, cursor, done=False, dead=dead, lag_s=max(0.0, (now - last[0]) / 1000))
         floor = int(run["count_from"])
         cursor.update(done_to=int(run["upper"]), floor=floor, run=None,
@@ -420,21 +432,22 @@ class ProxusSource(Source):
         return out
 
     def _normalize(self, tenant: str, records: list[dict[str, Any]], counts: dict[str, int],
-                   count_from: int) -> tuple[list[Event], list[DeadLetter], tuple[int, int] | None]:
+                   count_from: int) -> tuple[list[Event], list[DeadLetter]]:
         """Events of a page's rows; every line is counted per time bucket (what `count()` will say later)."""
         events, dead = [], []
-        last: tuple[int, int] | None = None
-        bucket, counted = None, False
+        bucket, counted, pending = None, False, 0
         previous: tuple[int, int, str] | None = None
         for record in records:
-            ts = _line_time(record)
+            ts, lines = _line_time(record), 1
             if ts is not None:
-                bucket, counted = ts // BUCKET_MS, ts >= count_from
-                device = record.get("DeviceId")
-                if isinstance(device, int) and not isinstance(device, bool):
-                    last = ts, device
-            if bucket is not None and counted:  # an unreadable Time counts in its neighbour's bucket (rows are sorted)
-                counts[str(bucket)] = counts.get(str(bucket), 0) + 1
+                bucket, counted, lines, pending = ts // BUCKET_MS, ts >= count_from, 1 + pending, 0
+            elif bucket is None:  # an unreadable Time counts in its neighbour's bucket (rows arrive sorted by Time)
+                pending, lines = pending + 1, 0
+            if lines and counted:
+                counts[str(bucket)] = counts.get(str(bucket), 0) + lines
+            if "_line" in record:
+                dead.append(DeadLetter("line is not a JSON object", record["_line"][:2000]))
+                continue
             try:
                 row = TelemetryRow.model_validate(record)
             except ValidationError as err:
@@ -445,7 +458,7 @@ class ProxusSource(Source):
                 continue
             previous = ident
             events.append(self._telemetry_event(tenant, row))
-        return events, dead, last
+        return events, dead
 
     def _telemetry_event(self, tenant: str, row: TelemetryRow) -> Event:
         is_text = row.DataType in STRING_DATA_TYPES
