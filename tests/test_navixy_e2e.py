@@ -117,7 +117,7 @@ def test_messages_published_while_syncd_was_down_arrive_on_the_next_run(scenario
     assert [f["events"] for f in first] == [0]  # nothing published yet: run 1 only created the session
     assert second[0]["events"] > 0 and second[0]["ok"] is True
     assert [f["events"] for f in third] == [0]
-    assert '"navixy.subscribed"' in scenario.runs[0].stderr and "syncd-syncd-0-navixy-sim" in scenario.runs[0].stderr
+    assert '"mqtt_push.subscribed"' in scenario.runs[0].stderr and "syncd-syncd-0-navixy-sim" in scenario.runs[0].stderr
 
 
 def test_qos1_duplicate_delivery_stores_one_row(scenario: Scenario) -> None:

@@ -111,12 +111,12 @@ def test_push_stream_reconnects_after_a_broker_restart_and_stops_on_sigterm(tmp_
         with log.open("w") as err:
             proc = popen_syncd("run", "--config", str(cfg), stderr=err)
             try:
-                wait_for(log, '"navixy.subscribed"')
+                wait_for(log, '"mqtt_push.subscribed"')
                 asyncio.run(sim.publish(40))
                 mosquitto.stop()
                 wait_for(log, '"stream.failing"')
                 mosquitto.start()
-                wait_for(log, '"navixy.subscribed"', count=2)
+                wait_for(log, '"mqtt_push.subscribed"', count=2)
                 asyncio.run(sim.publish(40))
                 want = len(truth_keys(sim))
                 deadline = time.monotonic() + 30

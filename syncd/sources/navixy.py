@@ -6,12 +6,8 @@ Brief: shared/vendors/navixy.md. Assumptions live in the constants below.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import ssl
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiomqtt
 import orjson
@@ -24,12 +20,12 @@ from syncd.errors import (
     RequestRejected,
     SyncdError,
     VendorAuthError,
-    VendorConnectionError,
     VendorUnavailable,
 )
 from syncd.events import Event, parse_iso_ms
 from syncd.settings import NavixySource as NavixyConfig
 from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter
+from syncd.sources.mqtt_push import MqttSubscription, payload_bytes
 
 log = structlog.get_logger("syncd.navixy")
 
@@ -37,11 +33,6 @@ MAPPING_PAGE = 10_000  # sources/mapping/list default limit; the maximum is 100 
 # NGP header fields: kept as attrs, never metrics [A: §8 maps them to attrs]
 NGP_HEADER = ("device_id", "message_time", "version", "event_id")
 TRACKER_REFRESH_S = 300.0  # an NGP device_id missing from tracker/list reloads it at most this often [A]
-MQTT_KEEPALIVE_S = 30
-MAX_BATCH = 500  # MQTT messages per spool page
-LINGER_S = 0.02  # a batch is committed once no further message arrived for this long
-SEEN_MAX = 100_000  # payload digests remembered: each message comes once per topic, and QoS 1 may repeat it [A]
-AUTH_CONNACK = {4, 5, 134, 135}  # bad user name or password / not authorised (MQTT 3.1.1 codes and their v5 forms)
 
 
 class Flow(BaseModel):
@@ -112,8 +103,8 @@ class NgpHeader(BaseModel):
 
     device_id: str = Field(min_length=1)
     message_time: int  # epoch ms
-    version: str | int | float | None = None
-    event_id: int | str | None = None
+    version: Any = None  # optional: any shape is kept as text, never a reason to drop the message
+    event_id: Any = None
 
     @field_validator("message_time", mode="before")
     @classmethod
@@ -161,8 +152,7 @@ class NavixySource(Source):
         self.tenant = ""
         self.devices: dict[str, tuple[str, dict[str, str]]] = {}  # NGP device_id -> (source id, attrs)
         self.devices_at = float("-inf")
-        self._seen: set[bytes] = set()
-        self._seen_order: deque[bytes] = deque()
+        self._subscription: MqttSubscription | None = None
         self._newest_ms: int | None = None
 
     # -- REST -------------------------------------------------------------------------------------
@@ -306,117 +296,43 @@ class NavixySource(Source):
 
     # -- telemetry (pushed) -----------------------------------------------------------------------
 
-    @property
-    def client_id(self) -> str:
-        """Stable across restarts: the broker keeps this session's subscriptions and queued messages."""
-        return f"syncd-{self.instance}-{self.name}"
-
-    def _mqtt_client(self) -> aiomqtt.Client:
-        url = urlsplit(self.config.mqtt_url)
-        tls = None
-        if url.scheme == "mqtts":
-            tls = ssl.create_default_context()
-            if not self.config.tls_verify:
-                tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-        username = self.config.mqtt_username or url.username or None
-        password = self.config.mqtt_password.get_secret_value() or url.password or None
-        client = aiomqtt.Client(
-            url.hostname or "127.0.0.1", url.port or (8883 if tls else 1883), username=username, password=password,
-            identifier=self.client_id, clean_session=False, protocol=aiomqtt.ProtocolVersion.V311,
-            keepalive=MQTT_KEEPALIVE_S, timeout=self.config.timeout, tls_context=tls,
-        )
-        # aiomqtt has no manual-ack option; its paho client does: PUBACK only once the page is on disk.
-        client._client.manual_ack_set(True)
-        return client
+    def subscription(self) -> MqttSubscription:
+        """The broker session; its client id is stable across restarts so the broker keeps what came meanwhile."""
+        if self._subscription is None:
+            self._subscription = MqttSubscription(
+                self.config.mqtt_url, list(self.config.topics), client_id=f"syncd-{self.instance}-{self.name}",
+                username=self.config.mqtt_username, password=self.config.mqtt_password.get_secret_value(),
+                timeout=self.config.timeout, tls_verify=self.config.tls_verify)
+        return self._subscription
 
     async def listen(self, stream: Stream, deliver: Callable[[Page], Awaitable[None]], stop: asyncio.Event,
                      idle: float | None) -> None:
-        """Subscribe (QoS 1, persistent session) and deliver batches of NGP messages, acking each after commit."""
-        where = self.config.mqtt_url.split("@")[-1]
-        try:
-            client = self._mqtt_client()
-            async with client:
-                granted = await client.subscribe([(t, 1) for t in self.config.topics])
-                refused = [t for t, rc in zip(self.config.topics, granted, strict=False) if _code(rc) >= 128]
-                if refused:
-                    raise RequestRejected(f"broker {where} refused the subscription to {refused}")
-                log.info("navixy.subscribed", broker=where, topics=self.config.topics, client_id=self.client_id)
-                await self._pump(client, stream, deliver, stop, idle)
-        except aiomqtt.MqttCodeError as err:
-            rc = getattr(err, "rc", None)
-            if rc is not None and _code(rc) in AUTH_CONNACK:
-                raise VendorAuthError(f"broker {where} refused the MQTT credentials: {err}") from None
-            raise VendorConnectionError(f"broker {where}: {err}") from None
-        except aiomqtt.MqttError as err:
-            raise VendorConnectionError(f"broker {where}: {err}") from None
+        """NGP messages from the configured topics, one page per batch; the batch is acked after `deliver`."""
 
-    async def _pump(self, client: aiomqtt.Client, stream: Stream, deliver: Callable[[Page], Awaitable[None]],
-                    stop: asyncio.Event, idle: float | None) -> None:
-        messages = client.messages
-        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
-        # The pending read is kept across batches, never cancelled mid-stream: a cancelled read could drop a
-        # message it already took from the queue (on exit that is harmless: unacked messages come again).
-        pending: asyncio.Future[Any] | None = None
-        try:
-            while not stop.is_set():
-                pending = pending or asyncio.ensure_future(messages.__anext__())
-                done, _ = await asyncio.wait({pending, stopping}, timeout=idle, return_when=asyncio.FIRST_COMPLETED)
-                if pending not in done:
-                    return  # stopping, or quiet for `idle` seconds
-                batch, pending = [pending.result()], None
-                while len(batch) < MAX_BATCH:
-                    pending = asyncio.ensure_future(messages.__anext__())
-                    done, _ = await asyncio.wait({pending}, timeout=LINGER_S)
-                    if pending not in done:
-                        break
-                    batch.append(pending.result())
-                    pending = None
-                await self._refresh_devices(batch)
-                page, digests = self._page(stream, batch)
-                await deliver(page)
-                for m in batch:
-                    client._client.ack(m.mid, m.qos)
-                self._remember(digests)
-        finally:
-            stopping.cancel()
-            if pending is not None:
-                pending.cancel()
+        async def handle(batch: list[aiomqtt.Message]) -> None:
+            records = [_record(m) for m in batch]
+            await self._refresh_devices(records)
+            await deliver(self._page(stream, records))
 
-    async def _refresh_devices(self, batch: list[aiomqtt.Message]) -> None:
+        await self.subscription().run(handle, stop, idle)
+
+    async def _refresh_devices(self, records: list[dict[str, Any] | DeadLetter]) -> None:
         """A device_id we do not know may be a new tracker: reload the list, not more often than TRACKER_REFRESH_S."""
         if self.clock() - self.devices_at < TRACKER_REFRESH_S:
             return
-        for m in batch:
+        if any(isinstance(r, dict) and r.get("device_id") not in self.devices for r in records):
             try:
-                ngp = orjson.loads(_bytes(m.payload))
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(ngp, dict) and ngp.get("device_id") not in self.devices:
-                try:
-                    await self._load_devices()
-                except (SyncdError, ValidationError) as err:  # telemetry goes on with the devices we know
-                    self.devices_at = self.clock()
-                    log.warning("navixy.devices_not_refreshed", source=self.name, error=str(err))
-                return
+                await self._load_devices()
+            except (SyncdError, ValidationError) as err:  # telemetry goes on with the devices we know
+                self.devices_at = self.clock()
+                log.warning("navixy.devices_not_refreshed", source=self.name, error=str(err))
 
-    def _page(self, stream: Stream, batch: list[aiomqtt.Message]) -> tuple[Page, list[bytes]]:
-        """Events of new messages (repeats by payload digest skipped), dead letters for unreadable ones."""
+    def _page(self, stream: Stream, records: list[dict[str, Any] | DeadLetter]) -> Page:
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        digests: list[bytes] = []
-        for m in batch:
-            raw = _bytes(m.payload)
-            digest = hashlib.blake2b(raw, digest_size=16).digest()
-            if digest in self._seen or digest in digests:
-                continue
-            digests.append(digest)
-            try:
-                ngp = orjson.loads(raw)
-            except orjson.JSONDecodeError as err:
-                dead.append(DeadLetter(f"payload: not JSON ({err}) on topic {m.topic.value}", raw.decode("utf-8", "replace")))
-                continue
-            if not isinstance(ngp, dict):
-                dead.append(DeadLetter(f"payload: not a JSON object on topic {m.topic.value}", raw.decode("utf-8", "replace")))
+        for ngp in records:
+            if isinstance(ngp, DeadLetter):
+                dead.append(ngp)
                 continue
             try:
                 head = NgpHeader.model_validate(ngp)
@@ -426,8 +342,8 @@ class NavixySource(Source):
             events += self._telemetry(stream.tenant, head, ngp)
             self._newest_ms = max(self._newest_ms or head.message_time, head.message_time)
         lag = max(0.0, self.clock() - self._newest_ms / 1000) if self._newest_ms is not None else None
-        cursor = {"session": self.client_id, "newest_ms": self._newest_ms}
-        return Page(events, cursor, done=False, dead=dead, lag_s=lag), digests
+        cursor = {"session": self.subscription().client_id, "newest_ms": self._newest_ms}
+        return Page(events, cursor, done=False, dead=dead, lag_s=lag)
 
     def _telemetry(self, tenant: str, head: NgpHeader, ngp: dict[str, Any]) -> list[Event]:
         device, known = self.devices.get(head.device_id, (head.device_id, {"device_id": head.device_id}))
@@ -443,23 +359,17 @@ class NavixySource(Source):
         return [self.event("telemetry", tenant, device, metric, head.message_time, value, text, attrs)
                 for metric, value, text in values]
 
-    def _remember(self, digests: list[bytes]) -> None:
-        for d in digests:
-            self._seen.add(d)
-            self._seen_order.append(d)
-        while len(self._seen_order) > SEEN_MAX:
-            self._seen.discard(self._seen_order.popleft())
 
-
-def _code(rc: Any) -> int:
-    """A paho reason code (object or int) as an int."""
-    return int(getattr(rc, "value", rc))
-
-
-def _bytes(payload: Any) -> bytes:
-    if isinstance(payload, bytes | bytearray):
-        return bytes(payload)
-    return str(payload).encode() if payload is not None else b""
+def _record(m: aiomqtt.Message) -> dict[str, Any] | DeadLetter:
+    """An MQTT message as an NGP JSON object, or the dead letter saying why it is not one."""
+    raw = payload_bytes(m.payload)
+    try:
+        ngp = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        return DeadLetter(f"payload: not JSON ({err}) on topic {m.topic.value}", raw.decode("utf-8", "replace"))
+    if not isinstance(ngp, dict):
+        return DeadLetter(f"payload: not a JSON object on topic {m.topic.value}", raw.decode("utf-8", "replace"))
+    return ngp
 
 
 def _navixy_status(body: bytes) -> tuple[int | None, str]:
