@@ -43,7 +43,7 @@ def test_once_stores_ground_truth_then_adds_nothing(tmp_path: Path) -> None:
     assert names == [["alert", "2", HOSTILE_DEVICE], ["telemetry", "2", HOSTILE_DEVICE]]  # alerts: from the inventory
     (alert_attrs,) = ch(tmp_path / "data", "SELECT attrs FROM syncd.events WHERE kind = 'alert' LIMIT 1")
     assert {"alert_id", "rule_id", "severity", "status", "device_name"} <= set(alert_attrs[0][0])
-    assert sim.password not in first.stderr + second.stderr
+    assert sim.password not in first.stderr + second.stderr and "eyJ" not in first.stderr + second.stderr  # no JWT
 
 
 def test_malformed_rows_go_to_dead_letter_naming_the_field(tmp_path: Path) -> None:

@@ -181,6 +181,16 @@ async def test_max_rows_truncation_a_full_page_means_more() -> None:
     assert all(json.loads(r.body)["query"].endswith(" LIMIT 100") for r in sql)
 
 
+async def test_a_page_smaller_than_one_time_and_device_group_grows_instead_of_looping() -> None:
+    sim = ProxusSim(seed=40, rows=400, alerts=0, keys_per_device=4)
+    with sims_in_thread([sim]):
+        async with connector(sim, page_size=3) as src:  # 4 keys share each (Time, DeviceId)
+            events, _, _ = await drain(src, TELEMETRY)
+    assert keys(events) == truth(sim) and len(events) == 400
+    limits = {json.loads(r.body)["query"].rsplit(" ", 1)[1] for r in sim.requests if r.path == EXECUTE}
+    assert limits == {"3", "6"}  # a page of one group is asked again, twice as large
+
+
 async def test_truncated_ndjson_and_token_are_retried_not_short() -> None:
     sim = ProxusSim(seed=35, rows=600, alerts=0, token_style="quoted")
     with sims_in_thread([sim]):
@@ -212,6 +222,21 @@ async def test_unreadable_lines_at_page_edges_are_neither_lost_nor_read_twice() 
                 # an unreadable Time is counted in its neighbour's bucket: at the edge of the late-row window that
                 # guess can be off by one and cost one harmless re-read of the window, never a lost or invented row
                 assert keys(again) <= truth(sim) and len(dead_again) <= len(broken), page_size
+
+
+async def test_alert_status_change_is_re_emitted_with_the_same_event_id() -> None:
+    clock = FakeClock()
+    sim = ProxusSim(seed=41, clock=clock, rows=100, alerts=20)
+    with sims_in_thread([sim]):
+        async with connector(sim, clock) as src:
+            await src.discover()
+            first, _, cursor = await drain(src, ALERT)
+            clock.t += 1900  # the young alerts leave "Active" (acknowledged or resolved)
+            second, _, cursor = await drain(src, ALERT, cursor)
+            third, _, _ = await drain(src, ALERT, cursor)
+    active = {e.event_id for e in first if e.attrs["status"] == "Active"}
+    assert len(first) == 20 and active and third == []
+    assert {e.event_id for e in second} == active and all(e.attrs["status"] != "Active" for e in second)
 
 
 async def test_odata_next_link_and_top_skip_paging() -> None:

@@ -788,7 +788,7 @@ class ProxusSim(VendorSim):
         """The (rendered, broken) spelling of a row hit by the `malformed_rows` fault, else None."""
         if not self.malformed_every:
             return None
-        h = _mix(self.seed + 991, r[0] * 64 + r[1] + zlib.crc32(r[3].encode()))
+        h = _mix(self.seed + 991, (r[0] - self.t0) * 64 + r[1] + zlib.crc32(r[3].encode()))  # same rows every run
         if h % self.malformed_every:
             return None
         if h >> 63:
