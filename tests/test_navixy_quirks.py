@@ -10,8 +10,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
+
+from syncd.errors import ConfigError
+from syncd.http import TokenBucket, VendorClient
+from syncd.settings import load
 from syncd.sim.common import sims_in_thread
 from syncd.sim.navixy import STAGING_TOPIC, NavixySim
+from syncd.sources.navixy import NavixySource
 from tests.conftest import free_port
 from tests.helpers import ch, popen_syncd, stored_keys, syncd, truth_keys, write_config
 
@@ -166,3 +173,16 @@ def test_check_warns_when_no_enabled_flow_publishes_to_the_configured_topics(tmp
     assert any("sources[3] (half).topics[1]" in w and "nobody/listens/here" in w for w in warnings)
     assert any("sources[4] (offline): could not check" in w for w in warnings)
     assert "Traceback" not in r.stderr
+
+
+async def test_region_picks_the_api_root_and_mqtt_url_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text('[[sources]]\nname = "fleet"\nvendor = "navixy"\nregion = "us"\napi_key = "k"\n')
+    settings = load(path)
+    async with aiohttp.ClientSession() as session:
+        source = NavixySource(settings.sources[0], VendorClient(session, TokenBucket(1, 1), timeout=1))
+    assert source.root == "https://api.us.navixy.com/v2"
+    path.write_text(path.read_text() + 'mqtt_url = "tcp://broker:1883"\n')
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert err.value.problems == ["sources[0].mqtt_url: must start with mqtt:// or mqtts://"]
