@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
-run: $(STAMP)  ## simulators + daemon + embedded ClickHouse, live progress, summary
+run: $(STAMP) mosquitto  ## simulators + daemon + embedded ClickHouse, live progress, summary
 	$(BIN)/syncd demo --duration $${DURATION:-20}
 
 mosquitto:  ## the tests start their own broker; install it when missing

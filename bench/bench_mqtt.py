@@ -9,35 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from syncd.events import Event
 from syncd.settings import MqttSettings
+from syncd.sim.broker import LocalMosquitto
 from syncd.sinks.clickhouse import ClickHouseSink
 from syncd.sinks.mqtt import MqttSink
 from syncd.spool import Batch
-
-
-def _broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("mosquitto did not start")
 
 
 def _batches(n: int, size: int) -> list[Batch]:
@@ -54,7 +35,8 @@ async def main() -> None:
     args = parser.parse_args()
     batches = _batches(args.events, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
-        proc, port = _broker(Path(tmp))
+        broker = LocalMosquitto(Path(tmp) / "mosquitto")
+        broker.start()
         try:
             ch = ClickHouseSink(f"chdb://{tmp}/clickhouse", "bench")
             await ch.open()
@@ -64,7 +46,7 @@ async def main() -> None:
             t_ch = time.perf_counter() - t0
             await ch.close()
 
-            mq = MqttSink(MqttSettings(url=f"mqtt://127.0.0.1:{port}"), instance="bench")
+            mq = MqttSink(MqttSettings(url=broker.url), instance="bench")
             await mq.open()
             t0 = time.perf_counter()
             for b in batches:
@@ -72,8 +54,7 @@ async def main() -> None:
             t_mq = time.perf_counter() - t0
             await mq.close()
         finally:
-            proc.terminate()
-            proc.wait()
+            broker.stop()
     n = args.events
     print(f"{n} fresh events in batches of {args.batch}")
     print(f"clickhouse insert (embedded chdb)   : {n / t_ch:10.0f} events/s  ({t_ch:.2f} s)")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from syncd.app import Daemon, install_signal_handlers
 from syncd.settings import load
+from syncd.sim.broker import LocalMosquitto, mosquitto_binary
 from syncd.sim.common import start_sims
 from syncd.sim.server import config_toml, make_sims
 from syncd.sinks.clickhouse import connect
@@ -22,17 +23,28 @@ FROM {db}.events FINAL GROUP BY vendor, kind ORDER BY vendor, kind
 
 
 async def demo(data_dir: Path, duration: float, *, mqtt_url: str = "", seed: int = 1) -> int:
-    vendors = [v for v in SOURCES]  # every vendor that has a connector
-    sims = make_sims(vendors, seed=seed, live=True)
-    runners = await start_sims(sims)
     data_dir.mkdir(parents=True, exist_ok=True)
+    out = sys.stdout
+    vendors = list(SOURCES)  # every vendor that has a connector
+    # Navixy only pushes, over an MQTT broker the operator owns: the --mqtt broker, or a private Mosquitto.
+    broker: LocalMosquitto | None = None
+    push_url = mqtt_url
+    if not push_url and mosquitto_binary():
+        broker = LocalMosquitto(data_dir / "mosquitto")
+        broker.start()
+        push_url = broker.url
+    if not push_url:
+        vendors.remove("navixy")
+        print("navixy left out: it pushes over MQTT and no broker is at hand (install mosquitto, or pass --mqtt URL)",
+              file=out)
+    sims = make_sims(vendors, seed=seed, live=True, options={"navixy": {"mqtt_url": push_url, "publish_rate": 20.0}})
+    runners = await start_sims(sims)
     cfg = data_dir / "demo.toml"
     text = config_toml(sims, str(data_dir)).replace('interval = "5s"', 'interval = "2s"')
     if mqtt_url:
         text += f'\n[mqtt]\nurl = "{mqtt_url}"\n'
     cfg.write_text(text)
     settings = load(cfg, {})
-    out = sys.stdout
     print(f"syncd demo: {', '.join(f'{s.vendor} at {s.url}' for s in sims)}; data in {data_dir}", file=out)
     print(f"running for {duration:.0f}s (Ctrl-C stops early)...", file=out, flush=True)
 
@@ -71,6 +83,8 @@ async def demo(data_dir: Path, duration: float, *, mqtt_url: str = "", seed: int
         too_old = daemon.metrics.get("syncd_sink_skipped_rows_total", sink="mqtt", reason="max_age")
         for r in runners:
             await r.cleanup()
+        if broker is not None:
+            broker.stop()
     client = connect(settings.clickhouse_dsn, settings.clickhouse.database)
     try:
         result = client.query(SUMMARY_SQL.format(db=settings.clickhouse.database))

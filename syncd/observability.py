@@ -95,6 +95,19 @@ def configure_logging(fmt: str = "auto", secrets: list[str] | None = None, level
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # Libraries log through stdlib logging (APScheduler, aiomqtt, paho): same format, same redaction.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True)],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _Redactor(secrets or []), renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(level, logging.WARNING))
+    # "skipped: maximum number of running instances" is the design (one run per stream at a time), not news;
+    # a stream that cannot keep up shows in syncd_stream_lag_seconds instead.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
 class _Redactor:
