@@ -120,16 +120,13 @@ def test_push_stream_reconnects_after_a_broker_restart_and_stops_on_sigterm(tmp_
             try:
                 wait_for(log, '"mqtt_push.subscribed"')
                 asyncio.run(sim.publish(40))
+                wait_for_events(port, len(truth_keys(sim)))  # acked before the broker goes (its restart may lose state)
                 mosquitto.stop()
                 wait_for(log, '"stream.failing"')
                 mosquitto.start()
-                wait_for(log, '"mqtt_push.subscribed"', count=2)
+                wait_for(log, '"mqtt_push.subscribed"', count=2)  # reconnected and subscribed again
                 asyncio.run(sim.publish(40))
-                want = len(truth_keys(sim))
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline and telemetry_events(port) < want:
-                    time.sleep(0.1)
-                assert telemetry_events(port) >= want
+                wait_for_events(port, len(truth_keys(sim)))
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
@@ -137,6 +134,13 @@ def test_push_stream_reconnects_after_a_broker_restart_and_stops_on_sigterm(tmp_
     assert proc.returncode == 0, text[-3000:]
     assert '"stream.recovered"' in text and '"flushed": true' in text
     assert stored_keys(tmp_path / "data", "navixy").keys() == truth_keys(sim).keys()
+
+
+def wait_for_events(port: int, want: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and telemetry_events(port) < want:
+        time.sleep(0.1)
+    assert telemetry_events(port) >= want
 
 
 def telemetry_events(port: int) -> float:
