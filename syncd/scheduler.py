@@ -311,10 +311,13 @@ class Syncer:
     async def stop_and_wait(self, timeout: float) -> None:
         """Stop scheduling; let in-flight pages finish (bounded)."""
         self.stop.set()
-        if self.scheduler is not None and self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
+        scheduler = self.scheduler if self.scheduler is not None and self.scheduler.running else None
+        if scheduler is not None:
+            scheduler.pause()  # not shutdown yet: the asyncio executor's shutdown cancels the jobs still running
         pending = [t for t in self.inflight | set(self.push_tasks.values()) if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout)
             for t in still:
                 t.cancel()
+        if scheduler is not None:
+            scheduler.shutdown(wait=False)
