@@ -102,6 +102,7 @@ class Response:
     body: bytes
     url: str
     data: Any = None  # the parsed body when the request asked for JSON
+    lines: list[bytes] | None = None  # the body line by line when the request asked for lines (NDJSON)
 
     def json(self) -> Any:
         if self.data is not None:
@@ -165,13 +166,18 @@ class VendorClient:
 
     async def request(
         self, method: str, url: str, *, headers: Mapping[str, str] | None = None, params: Any = None,
-        json: Any = None, data: bytes | str | None = None, expect_json: bool = False,
+        json: Any = None, data: bytes | str | None = None, expect_json: bool = False, expect_lines: bool = False,
     ) -> Response:
-        """Send with retries; with `expect_json` a body that does not parse (truncated) is retried too."""
+        """Send with retries; with `expect_json` a body that does not parse (truncated) is retried too.
+
+        `expect_lines` reads a successful body line by line as it streams (NDJSON) into `Response.lines`;
+        a last line without its newline means the body was cut short, and the request is retried.
+        """
         transient = limited = 0
         while True:
             try:
-                resp = await self._once(method, url, headers=headers, params=params, json=json, data=data)
+                resp = await self._once(method, url, headers=headers, params=params, json=json, data=data,
+                                        lines=expect_lines)
                 if expect_json:
                     resp.data = resp.json()
                 return resp
@@ -188,9 +194,10 @@ class VendorClient:
                 log.info("http.retry", url=_redact(url), error=str(err), attempt=transient, delay=round(delay, 3))
                 await self.sleep(delay)
 
-    async def _once(self, method: str, url: str, **kw: Any) -> Response:
+    async def _once(self, method: str, url: str, *, lines: bool = False, **kw: Any) -> Response:
         await self.bucket.acquire()
         body = b""
+        got_lines: list[bytes] | None = None
         async with self.gate:
             self.requests += 1
             try:
@@ -199,21 +206,28 @@ class VendorClient:
                     kw["data"] = orjson.dumps(data)
                     kw["headers"] = {"Content-Type": "application/json", **(kw.get("headers") or {})}
                 async with self.session.request(method, url, timeout=self.timeout, ssl=self.ssl, **kw) as resp:
-                    body = await resp.read()
                     status, headers, final_url = resp.status, resp.headers, str(resp.url)
+                    if lines and status < 300:
+                        got_lines = [line async for line in resp.content]
+                        body = got_lines[0] if got_lines else b""  # enough for the vendor's error mapping
+                    else:
+                        body = await resp.read()
             except TimeoutError:
                 raise VendorTimeout(f"{method} {_redact(url)} timed out", url=url) from None
             except aiohttp.ClientPayloadError as err:
                 raise MalformedResponse(f"{method} {_redact(url)}: body cut short ({err})", url=url) from None
             except aiohttp.ClientError as err:
                 raise VendorConnectionError(f"{method} {_redact(url)}: {err.__class__.__name__}: {err}", url=url) from None
+        if got_lines and not got_lines[-1].endswith(b"\n"):
+            raise MalformedResponse(f"{method} {_redact(url)}: body cut mid-line", status=status,
+                                    body=got_lines[-1][-200:].decode("utf-8", "replace"), url=url)
         error = self.map_error(status, headers, body, _redact(final_url))
         if error is not None:
             if isinstance(error, RateLimited):
                 self.bucket.on_rate_limited(error.retry_after)
             raise error
         self.bucket.on_success()
-        return Response(status, headers, body, final_url)
+        return Response(status, headers, body, final_url, lines=got_lines)
 
 
 def _redact(url: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from syncd.errors import MalformedResponse, RequestRejected, VendorAuthError
+from syncd.errors import RequestRejected, VendorAuthError
 from syncd.events import Event
 from syncd.http import TokenBucket, VendorClient
 from syncd.observability import Metrics
@@ -204,7 +204,8 @@ async def test_truncated_ndjson_and_token_are_retried_not_short() -> None:
     assert len(logins(sim)) == 2
     assert sim.statements[0] == sim.statements[1] == sim.statements[2]  # the same page asked three times
     assert proxus_error(200, {}, b"<html><body>Sign in</body></html>\n", "https://p" + EXECUTE) is not None
-    assert isinstance(proxus_error(200, {}, b'{"Time":"2025-0', "https://p" + EXECUTE), MalformedResponse)
+    # a body cut mid-line is refused by the client itself (it streams NDJSON with expect_lines): the three identical
+    # statements above are those retries
     assert proxus_error(200, {}, b'{"a":1}\n{"a":2}\n', "https://p" + EXECUTE) is None
 
 

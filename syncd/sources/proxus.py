@@ -133,8 +133,9 @@ def token_text(body: bytes) -> str | None:
 def proxus_error(status: int, headers: Mapping[str, str], body: bytes, url: str) -> Exception | None:
     """Vendor answers → our errors; a 200 that is cut short (NDJSON, token) is malformed, so the client retries it."""
     if status < 300:
-        if url.endswith(TELEMETRY_PATH) and body and (body[:1] != b"{" or not body.endswith(b"\n")):
-            return MalformedResponse("telemetry answer is not whole NDJSON (cut short, or not JSONEachRow)",
+        # `body` is the first line here (the client streams NDJSON and itself refuses a last line cut short)
+        if url.endswith(TELEMETRY_PATH) and body and body[:1] != b"{":
+            return MalformedResponse("telemetry answer is not NDJSON (JSONEachRow)",
                                      status=status, body=body[-200:].decode("utf-8", "replace"), url=url)
         if url.endswith(LOGIN_PATH):
             token = token_text(body)
@@ -419,11 +420,13 @@ class ProxusSource(Source):
         return lo
 
     async def _rows(self, sql: str, max_rows: int) -> list[dict[str, Any]]:
-        """One statement's NDJSON lines (map_error already refused a body cut mid-line)."""
+        """One statement's NDJSON lines, read as they stream (the client refuses a body cut mid-line)."""
         resp = await self._call("POST", f"{self.config.base_url}{TELEMETRY_PATH}", params={"maxRows": str(max_rows)},
-                                json={"query": sql})
+                                json={"query": sql}, expect_lines=True)
         out = []
-        for line in resp.body.splitlines():
+        for line in resp.lines or ():
+            if not line.strip():
+                continue
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError:
