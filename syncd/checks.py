@@ -9,6 +9,7 @@ from syncd.errors import SyncdError
 from syncd.http import RetryPolicy, TokenBucket, VendorClient
 from syncd.settings import NavixySource as NavixyConfig
 from syncd.settings import Settings
+from syncd.sources.mqtt_push import topic_matches
 
 CHECK_RETRY = RetryPolicy(attempts=2, rate_limited_attempts=3, cap=2.0)  # `check` answers fast, the daemon retries
 CHECK_TIMEOUT = 15.0
@@ -56,14 +57,3 @@ async def _navixy_topics(i: int, cfg: NavixyConfig) -> list[str]:
             out.append(f"{where}.topics[{j}]: no enabled Navixy flow has an MQTT output endpoint publishing to "
                        f"{wanted!r} (enabled flows publish to {published or 'nothing'})")
     return out
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT topic filter matching (`+` one level, `#` the rest)."""
-    p, t = pattern.split("/"), topic.split("/")
-    for k, level in enumerate(p):
-        if level == "#":
-            return True
-        if k >= len(t) or (level != "+" and level != t[k]):
-            return False
-    return len(p) == len(t)

@@ -191,11 +191,13 @@ class Syncer:
                 log.info("stream.recovered")
                 state.failing, state.error = False, ""
 
-        stop, relay, deadline = self.stop, None, None
+        stop, relay, deadline, heartbeat = self.stop, None, None, None
         if idle is not None:  # --once on a stream that never goes quiet still has to end
             stop = asyncio.Event()
             relay = asyncio.create_task(self._relay_stop(stop))
             deadline = asyncio.get_running_loop().call_later(PUSH_ONCE_LIMIT_S, stop.set)
+        else:  # a subscription never "finishes": report its health to sync_status every interval meanwhile
+            heartbeat = asyncio.create_task(self._heartbeat(state, source, stream, run))
         attempt = 0
         try:
             while not stop.is_set():
@@ -216,10 +218,35 @@ class Syncer:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), delay)
         finally:
-            if relay is not None:
-                relay.cancel()
+            for task in (relay, heartbeat):
+                if task is not None:
+                    task.cancel()
             if deadline is not None:
                 deadline.cancel()
+
+    async def _heartbeat(self, state: StreamState, source: Source, stream: Stream, run: _Run) -> None:
+        """A sync_status row per interval for a long-running push stream, with what upstream says of its health."""
+        started, upstream = time.monotonic(), ""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), source.config.interval)
+            if self.stop.is_set():
+                return
+            try:
+                health = await source.health(stream)
+            except Exception as err:  # a health probe (vendor down, odd answer) must never end the subscription
+                health = f"health check failed: {err.__class__.__name__}: {err}"
+            if health != upstream:
+                if health:
+                    log.warning("stream.upstream_unhealthy", problem=health)
+                else:
+                    log.info("stream.upstream_recovered")
+                upstream = health
+            error = "; ".join(e for e in (state.error, health) if e)
+            if not error:
+                state.last_success = time.time()
+            await self._spool_status(state, source, stream, error, run.cursor, run.events, run.pages,
+                                     time.monotonic() - started)
 
     async def _relay_stop(self, local: asyncio.Event) -> None:
         await self.stop.wait()
@@ -253,6 +280,14 @@ class Syncer:
             if state.failing:
                 log.info("stream.recovered")
             state.failing, state.error, state.last_success = False, "", now
+        cursor_text = await self._spool_status(state, source, stream, error, cursor, events, pages, duration)
+        log.info("sync.finished", events=events, pages=pages, dead_letters=dead, duration_s=round(duration, 3),
+                 cursor=cursor_text[:200], ok=not error)
+
+    async def _spool_status(self, state: StreamState, source: Source, stream: Stream, error: str, cursor: Any,
+                            events: int, pages: int, duration: float) -> str:
+        """One sync_status row through the spool (best effort); returns the cursor as text."""
+        now = time.time()
         cursor_text = orjson.dumps(cursor).decode()[:500] if cursor is not None else ""
         status = [source.name, source.vendor, stream.name, stream.kind, 0 if error else 1, cursor_text, events, pages,
                   round(duration, 3), state.lag_s, error[:500],
@@ -264,8 +299,7 @@ class Syncer:
             log.warning("status.not_spooled", error=str(err))
         self.wake()
         self.metrics.set("syncd_stream_lag_seconds", state.lag_s or 0.0, source=source.name, stream=stream.name)
-        log.info("sync.finished", events=events, pages=pages, dead_letters=dead, duration_s=round(duration, 3),
-                 cursor=cursor_text[:200], ok=not error)
+        return cursor_text
 
     def _dead_letters(self, state: StreamState, dead: list[Any]) -> None:
         self.metrics.inc("syncd_dead_letters_total", len(dead), source=state.source, stream=state.stream)

@@ -17,7 +17,7 @@ from syncd.errors import ConfigError
 from syncd.http import TokenBucket, VendorClient
 from syncd.settings import load
 from syncd.sim.common import sims_in_thread
-from syncd.sim.navixy import STAGING_TOPIC, NavixySim
+from syncd.sim.navixy import EP_MQTT, STAGING_TOPIC, NavixySim
 from syncd.sources.navixy import NavixySource
 from tests.conftest import free_port
 from tests.helpers import ch, popen_syncd, stored_keys, syncd, truth_keys, write_config
@@ -190,3 +190,29 @@ async def test_region_picks_the_api_root_and_mqtt_url_is_checked(tmp_path: Path)
     with pytest.raises(ConfigError) as err:
         load(path)
     assert err.value.problems == ["sources[0].mqtt_url: must start with mqtt:// or mqtts://"]
+
+
+def test_push_stream_reports_upstream_health_to_sync_status_while_it_runs(tmp_path: Path, mosquitto: Any) -> None:
+    """A subscription never finishes: every interval it writes a sync_status row saying whether Navixy feeds it."""
+    sim = NavixySim(seed=36, mqtt_url=mosquitto.url)
+    with sims_in_thread([sim]):
+        cfg = write_config(tmp_path, [sim])
+        cfg.write_text(cfg.read_text().replace('interval = "5s"', 'interval = "1s"'))
+        log = tmp_path / "daemon.log"
+        with log.open("w") as err:
+            proc = popen_syncd("run", "--config", str(cfg), stderr=err)
+            try:
+                wait_for(log, '"mqtt_push.subscribed"')
+                sim.endpoints[EP_MQTT]["status"] = "suspend"  # someone suspended the operator's output endpoint
+                wait_for(log, '"stream.upstream_unhealthy"')
+                sim.endpoints[EP_MQTT]["status"] = "active"
+                wait_for(log, '"stream.upstream_recovered"')
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    unhealthy = next(line for line in text.splitlines() if '"stream.upstream_unhealthy"' in line)
+    assert "Operator broker" in unhealthy and "suspend" in unhealthy
+    (rows,) = ch(tmp_path / "data", "SELECT ok, error FROM syncd.sync_status FINAL WHERE stream = 'telemetry'")
+    assert rows == [[1, ""]]  # healthy again, and the row came from the running stream

@@ -97,6 +97,10 @@ class Source(ABC):
         """
         raise NotImplementedError(f"{self.vendor} has no push streams")
 
+    async def health(self, stream: Stream) -> str:
+        """What upstream keeps a push stream from receiving (the vendor's output is off, say); "" when nothing."""
+        return ""
+
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 

@@ -135,3 +135,14 @@ def payload_bytes(payload: Any) -> bytes:
 def _code(rc: Any) -> int:
     """A paho reason code (object or int) as an int."""
     return int(getattr(rc, "value", rc))
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT topic filter matching (`+` one level, `#` the rest)."""
+    p, t = pattern.split("/"), topic.split("/")
+    for k, level in enumerate(p):
+        if level == "#":
+            return True
+        if k >= len(t) or (level != "+" and level != t[k]):
+            return False
+    return len(p) == len(t)

@@ -25,7 +25,7 @@ from syncd.errors import (
 from syncd.events import Event, parse_iso_ms
 from syncd.settings import NavixySource as NavixyConfig
 from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter
-from syncd.sources.mqtt_push import MqttSubscription, payload_bytes
+from syncd.sources.mqtt_push import MqttSubscription, payload_bytes, topic_matches
 
 log = structlog.get_logger("syncd.navixy")
 
@@ -252,6 +252,19 @@ class NavixySource(Source):
                     endpoints[eid] = Endpoint.model_validate(read.get("value"))
                 out.append((flow, endpoints[eid]))
         return out
+
+    async def health(self, stream: Stream) -> str:
+        """The push stream receives only while an enabled flow's MQTT endpoint publishes to our topics and is active."""
+        if not stream.push:
+            return ""
+        feeding = [ep for flow, ep in await self.mqtt_outputs() if flow.enabled and ep.type == "output_mqtt_client"
+                   and any(topic_matches(want, t) for want in self.config.topics for t in ep.topics)]
+        if not feeding:
+            return "no enabled Navixy flow has an MQTT output endpoint publishing to the configured topics"
+        down = [ep for ep in feeding if ep.status not in ("", "active")]
+        if len(down) == len(feeding):
+            return "; ".join(f"output endpoint {ep.title!r} ({ep.id}) is {ep.status}" for ep in down)
+        return ""
 
     # -- status (polled) --------------------------------------------------------------------------
 
