@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -129,7 +130,7 @@ class SourceBase(_Section):
     rate: float | None = Field(None, gt=0)
     burst: int | None = Field(None, gt=0)
     concurrency: int = Field(4, gt=0)
-    streams: list[str] | None = None
+    streams: Sequence[str] | None = None  # each vendor narrows it to the kinds its connector knows
     timeout: Duration = 30.0
     tls_verify: bool = True
     enabled: bool = True
@@ -151,6 +152,7 @@ class SourceBase(_Section):
 
 class IotOpenSource(SourceBase):
     vendor: Literal["iotopen"]
+    streams: list[Literal["status", "log"]] | None = None  # the kinds this connector syncs
     base_url: str = "https://lynx.iotopen.se"
     api_key: SecretStr | None = None
     username: str | None = None
@@ -165,6 +167,7 @@ class IotOpenSource(SourceBase):
 
 class ProxusSource(SourceBase):
     vendor: Literal["proxus"]
+    streams: list[Literal["telemetry", "alert"]] | None = None  # the kinds this connector syncs
     base_url: str = Field(min_length=1)
     username: str
     password: SecretStr
@@ -174,12 +177,14 @@ class ProxusSource(SourceBase):
 
 class IotoSource(SourceBase):
     vendor: Literal["ioto"]
+    streams: list[Literal["status", "log", "metric", "alert", "connection"]] | None = None  # the kinds this connector syncs
     base_url: str = Field(min_length=1)
     token: SecretStr
 
 
 class IxonSource(SourceBase):
     vendor: Literal["ixon"]
+    streams: list[Literal["telemetry", "alert", "status"]] | None = None  # the kinds this connector syncs
     base_url: str = "https://portal.ixon.cloud/api"
     application_id: str
     company_id: str
@@ -188,6 +193,7 @@ class IxonSource(SourceBase):
 
 class NavixySource(SourceBase):
     vendor: Literal["navixy"]
+    streams: list[Literal["telemetry", "status"]] | None = None  # the kinds this connector syncs
     base_url: str = ""
     region: Literal["eu", "us"] = "eu"
     api_key: SecretStr

@@ -92,3 +92,21 @@ def test_durations_and_sizes() -> None:
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("10MB") == 10**7
     with pytest.raises(ValueError):
         parse_duration("60")
+
+
+def test_example_config_validates_with_every_vendor() -> None:
+    env = {name: "x" for name in ("IOTOPEN_API_KEY", "MQTT_PASSWORD", "PROXUS_PASSWORD", "IOTO_TOKEN",
+                                  "IXON_APPLICATION_ID", "IXON_COMPANY_ID", "IXON_TOKEN", "NAVIXY_API_KEY",
+                                  "NAVIXY_MQTT_PASSWORD")}
+    settings = load(Path(__file__).parent.parent / "config" / "example.toml", env)
+    assert sorted(s.vendor for s in settings.sources) == ["ioto", "iotopen", "ixon", "navixy", "proxus"]
+    assert settings.mqtt is not None and settings.mqtt.password.get_secret_value() == "x"
+
+
+def test_a_stream_kind_the_vendor_does_not_have_is_named(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[sources]]\nname = "p"\nvendor = "proxus"\nbase_url = "https://p.example.com"\n'
+                   'username = "u"\npassword = "p"\nstreams = ["telemetry", "status"]\n')
+    with pytest.raises(ConfigError) as err:
+        load(cfg, {})
+    assert err.value.problems == ["sources[0].streams[1]: must be 'telemetry' or 'alert'"]
