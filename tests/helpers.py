@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from syncd.sim.common import VendorSim
 from syncd.sim.server import config_toml
+
+Run = subprocess.CompletedProcess[str]
 
 QUERY_SCRIPT = r"""
 import json, sys
@@ -59,3 +62,14 @@ def stored_keys(data_dir: Path, vendor: str) -> dict[tuple[str, str, str, str, i
 
 def truth_keys(sim: VendorSim) -> dict[tuple[str, str, str, str, int], tuple[Any, Any]]:
     return {(t.kind, t.tenant, t.device, t.metric, t.ts_ms): (t.value, t.text) for t in sim.ground_truth()}
+
+
+def once_twice(cfg: Path) -> tuple[Run, Run, list[list[Any]]]:
+    """`syncd run --once` twice, both exiting 0; returns both runs and `count()` of events between the two."""
+    data = Path(tomllib.loads(cfg.read_text())["syncd"]["data_dir"])
+    first = syncd("run", "--config", str(cfg), "--once")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (between,) = ch(data, "SELECT count() FROM syncd.events")
+    second = syncd("run", "--config", str(cfg), "--once")
+    assert second.returncode == 0, second.stderr[-3000:]
+    return first, second, between

@@ -12,18 +12,14 @@ from pathlib import Path
 from syncd.sim.common import sims_in_thread
 from syncd.sim.iotopen import IotOpenSim
 from tests.conftest import free_port
-from tests.helpers import ch, popen_syncd, stored_keys, syncd, truth_keys, write_config
+from tests.helpers import ch, once_twice, popen_syncd, stored_keys, syncd, truth_keys, write_config
 
 
 def test_once_stores_ground_truth_then_adds_nothing(tmp_path: Path) -> None:
     sim = IotOpenSim(seed=11, installations=3, topics_per_installation=8, log_points=6000)
     with sims_in_thread([sim]):
         cfg = write_config(tmp_path, [sim], "")
-        first = syncd("run", "--config", str(cfg), "--once")
-        assert first.returncode == 0, first.stderr[-3000:]
-        (before,) = ch(tmp_path / "data", "SELECT count() FROM syncd.events")
-        second = syncd("run", "--config", str(cfg), "--once")
-        assert second.returncode == 0, second.stderr[-3000:]
+        first, _, before = once_twice(cfg)
     truth = truth_keys(sim)
     stored = stored_keys(tmp_path / "data", "iotopen")
     assert len(stored) == len(truth) == 6000 + 24

@@ -9,7 +9,7 @@ from typing import Any
 
 from syncd.sim.common import sims_in_thread
 from syncd.sim.ixon import IxonSim
-from tests.helpers import ch, stored_keys, syncd, truth_keys, write_config
+from tests.helpers import ch, once_twice, stored_keys, syncd, truth_keys, write_config
 
 
 def config(tmp_path: Path, sim: IxonSim) -> Path:
@@ -23,11 +23,7 @@ def test_once_stores_ground_truth_then_adds_nothing(tmp_path: Path) -> None:
     sim = IxonSim(seed=21, agents=3, tags_per_agent=24, points_per_tag=240, alarms=6)
     with sims_in_thread([sim]):
         cfg = config(tmp_path, sim)
-        first = syncd("run", "--config", str(cfg), "--once")
-        assert first.returncode == 0, first.stderr[-3000:]
-        (before,) = ch(tmp_path / "data", "SELECT count() FROM syncd.events")
-        second = syncd("run", "--config", str(cfg), "--once")
-        assert second.returncode == 0, second.stderr[-3000:]
+        _, _, before = once_twice(cfg)
     truth = truth_keys(sim)
     stored = stored_keys(tmp_path / "data", "ixon")
     alerts = sum(k[0] == "alert" for k in truth)

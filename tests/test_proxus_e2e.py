@@ -7,7 +7,7 @@ from pathlib import Path
 
 from syncd.sim.common import sims_in_thread
 from syncd.sim.proxus import ProxusSim
-from tests.helpers import ch, stored_keys, syncd, truth_keys, write_config
+from tests.helpers import ch, once_twice, stored_keys, syncd, truth_keys, write_config
 from tests.test_proxus_quirks import raw_lines
 
 HOSTILE_DEVICE = "pump'; DROP TABLE x; --"
@@ -23,11 +23,7 @@ def test_once_stores_ground_truth_then_adds_nothing(tmp_path: Path) -> None:
     sim = ProxusSim(seed=21, rows=6000, alerts=25)
     with sims_in_thread([sim]):
         cfg = _config(tmp_path, sim, "page_size = 700")
-        first = syncd("run", "--config", str(cfg), "--once")
-        assert first.returncode == 0, first.stderr[-3000:]
-        (before,) = ch(tmp_path / "data", "SELECT count() FROM syncd.events")
-        second = syncd("run", "--config", str(cfg), "--once")
-        assert second.returncode == 0, second.stderr[-3000:]
+        first, second, before = once_twice(cfg)
     truth = truth_keys(sim)
     stored = stored_keys(tmp_path / "data", "proxus")
     assert len(stored) == len(truth) == 6000 + 25
