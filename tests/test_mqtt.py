@@ -187,14 +187,19 @@ def test_hostile_names_make_distinct_valid_topics(mosquitto: Mosquitto) -> None:
     assert list(state) == [f"syncd/_syncd/{topic_level('hostile/+#')}/state"]  # the instance name adds no level
 
 
+def _small_spool_daemon(tmp: Path, sim: IotOpenSim, broker: Mosquitto, port: int, on_full: str,
+                        *args: str) -> subprocess.Popen[str]:
+    """A daemon whose spool holds ~4 pages (64 KiB) of 100 events, so a broker outage fills it quickly."""
+    cfg = _config(tmp, sim, broker, http_port=port, page_size=100)
+    cfg.write_text(cfg.read_text() + f'\n[spool]\nmax_bytes = "64KiB"\non_full = "{on_full}"\n')
+    return popen_syncd("run", "--config", str(cfg), *args, stderr=subprocess.PIPE)
+
+
 def test_full_spool_with_broker_down_pauses_pollers_then_resumes(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    sim = IotOpenSim(seed=35, installations=1, topics_per_installation=5, log_points=6000, history=600)
-    port = free_port()
+    sim, port = IotOpenSim(seed=35, installations=1, topics_per_installation=5, log_points=6000, history=600), free_port()
     mosquitto.stop()
     with sims_in_thread([sim]):
-        cfg = _config(tmp_path, sim, mosquitto, http_port=port, page_size=100)
-        cfg.write_text(cfg.read_text() + '\n[spool]\nmax_bytes = "64KiB"\n')
-        proc = popen_syncd("run", "--config", str(cfg), "--once", stderr=subprocess.PIPE)
+        proc = _small_spool_daemon(tmp_path, sim, mosquitto, port, "block", "--once")
         try:
             wait_for(lambda: metrics(port).get("syncd_pollers_paused") == 1)
             paused_at = _total(metrics(port), "syncd_events_total")
@@ -213,13 +218,10 @@ def test_full_spool_with_broker_down_pauses_pollers_then_resumes(tmp_path: Path,
 
 
 def test_full_spool_drop_oldest_counts_what_mqtt_lost(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    sim = IotOpenSim(seed=36, installations=1, topics_per_installation=5, log_points=6000, history=600)
-    port = free_port()
+    sim, port = IotOpenSim(seed=36, installations=1, topics_per_installation=5, log_points=6000, history=600), free_port()
     mosquitto.stop()
     with sims_in_thread([sim]):
-        cfg = _config(tmp_path, sim, mosquitto, http_port=port, page_size=100)
-        cfg.write_text(cfg.read_text() + '\n[spool]\nmax_bytes = "64KiB"\non_full = "drop_oldest"\n')
-        proc = popen_syncd("run", "--config", str(cfg), stderr=subprocess.PIPE)
+        proc = _small_spool_daemon(tmp_path, sim, mosquitto, port, "drop_oldest")
         try:
             wait_for(lambda: (m := metrics(port)) and _total(m, "syncd_events_total") == 6005
                      and _total(m, "syncd_sink_rows_total", sink="clickhouse") == 6005)
