@@ -171,6 +171,9 @@ def _status(settings: Settings) -> int:
         for (source, stream), cursor in sorted(spool.cursors().items()):
             print(f"{source}\t{stream}\t{cursor}")
         print(f"spool: {spool.pending_bytes} bytes undelivered")
+        for sink in spool.sink_names():
+            rows, age = spool.backlog(sink)
+            print(f"sink {sink}: {rows} events waiting" + (f", oldest spooled {age:.0f}s ago" if age is not None else ""))
     finally:
         spool.close()
     return 0

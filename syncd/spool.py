@@ -121,6 +121,9 @@ class Spool:
             self._db.execute(f"DELETE FROM sinks WHERE name NOT IN ({marks})", names)
             self._collect()
 
+    def sink_names(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT name FROM sinks ORDER BY name")]
+
     def backlog(self, sink: str) -> tuple[int, float | None]:
         """(rows waiting, age in seconds of the oldest waiting page) for one sink."""
         delivered = self._delivered(sink)

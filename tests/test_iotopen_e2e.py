@@ -136,5 +136,5 @@ def test_sigterm_stops_cleanly_and_flushes(tmp_path: Path) -> None:
     # whatever was fetched before the stop is in ClickHouse, and the spool is empty
     (spooled,) = ch(tmp_path / "data", "SELECT count() FROM syncd.events")
     status = syncd("status", "--config", str(cfg))
-    assert "spool: 0 bytes undelivered" in status.stdout, status.stdout
+    assert "spool: 0 bytes undelivered" in status.stdout and "sink clickhouse: 0 events waiting" in status.stdout, status.stdout
     assert spooled[0][0] > 0
