@@ -11,6 +11,8 @@ import asyncio
 import json
 import random
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ import pytest
 from syncd.sim.common import sims_in_thread
 from syncd.sim.navixy import TOPICS, NavixySim, _h
 from tests.conftest import Mosquitto
-from tests.helpers import ch, syncd, truth_keys, write_config
+from tests.helpers import ch, stored_keys, syncd, truth_keys, write_config
 
 MESSAGES = 150
 TRACKERS = 7  # 4 trackers in the MQTT flow + the emulator publish; 7 trackers = mapping pages 0, 2, 4, 6 at limit 2
@@ -180,3 +182,31 @@ def test_malformed_ngp_messages_become_dead_letters(scenario: Scenario) -> None:
     assert any("yesterday" in r for r in reasons)
     assert {r[1] for r in rows} >= {"{not json", "[1, 2, 3]"}
     assert all(r.returncode == 0 for r in scenario.runs)
+
+
+def test_once_while_the_simulator_publishes_stores_exactly_what_it_published(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The bounded run: `--once` subscribes, the simulator publishes N messages meanwhile, the run ends when quiet."""
+    sim = NavixySim(seed=23, trackers=5, mqtt_url=mosquitto.url)
+    with sims_in_thread([sim]):
+        cfg = write_config(tmp_path, [sim])
+        log = tmp_path / "run.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "syncd", "run", "--config", str(cfg), "--once"],
+                                    stdout=subprocess.DEVNULL, stderr=err, text=True)
+            try:
+                deadline = time.monotonic() + 30
+                while '"mqtt_push.subscribed"' not in log.read_text() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                asyncio.run(sim.publish(120))
+                assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        (before,) = ch(tmp_path / "data", "SELECT count() FROM syncd.events")
+        again = syncd("run", "--config", str(cfg), "--once")
+        assert again.returncode == 0, again.stderr[-3000:]
+    truth = truth_keys(sim)
+    assert len(truth) > 120  # one event per NGP attribute
+    assert stored_keys(tmp_path / "data", "navixy") == truth  # keys and values, exactly
+    (after, uniq) = ch(tmp_path / "data", "SELECT count() FROM syncd.events", "SELECT uniqExact(event_id) FROM syncd.events")
+    assert before == after == uniq == [[len(truth)]]  # the second run added nothing
