@@ -73,9 +73,13 @@ class Daemon:
         self.drain_stop.set()
         await asyncio.gather(*self.drain_tasks, return_exceptions=True)
         deadline = time.monotonic() + flush_timeout
-        flushed = all(await asyncio.gather(*(d.flush(deadline) for d in self.drainers)))
-        if not flushed:
-            log.warning("syncd.flush_incomplete", hint="undelivered pages stay in the spool and go out on next start")
+        done = await asyncio.gather(*(d.flush(deadline) for d in self.drainers))
+        flushed = all(done)
+        for drainer, ok in zip(self.drainers, done, strict=True):
+            if not ok:
+                rows, _ = await self.spool.run(self.spool.backlog, drainer.sink.name)
+                log.warning("syncd.flush_incomplete", sink=drainer.sink.name, rows_waiting=rows,
+                            hint="they stay in the spool and go out on the next start (`syncd status` shows them)")
         for sink in self.sinks:
             try:
                 await sink.close()

@@ -236,3 +236,29 @@ def test_full_spool_drop_oldest_counts_what_mqtt_lost(tmp_path: Path, mosquitto:
     assert proc.returncode == 0, err[-3000:]
     assert '"spool.full_dropped_oldest"' in err  # warned, and counted above: never silent
     assert len(_stored_ids(tmp_path / "data")) == 6005
+
+
+def test_once_with_the_broker_down_exits_1_keeps_the_backlog_and_sends_it_next_run(tmp_path: Path,
+                                                                                  mosquitto: Mosquitto) -> None:
+    sim = IotOpenSim(seed=37, installations=1, topics_per_installation=4, log_points=800, history=600)
+    mosquitto.stop()
+    with sims_in_thread([sim]):
+        cfg = _config(tmp_path, sim, mosquitto)
+        started = time.monotonic()
+        down = syncd("run", "--config", str(cfg), "--once")
+        took = time.monotonic() - started
+        assert down.returncode == 1, down.stderr[-3000:]
+        assert '"syncd.flush_incomplete"' in down.stderr and '"sink": "mqtt"' in down.stderr
+        assert took < 120  # a dead broker does not hold a cron run for the whole flush bound (600 s)
+        status = syncd("status", "--config", str(cfg))
+        assert "sink mqtt: 804 events waiting" in status.stdout and "sink clickhouse: 0 events waiting" in status.stdout
+        mosquitto.start()
+        sub = Subscriber(mosquitto.port)
+        try:
+            up = syncd("run", "--config", str(cfg), "--once")
+            assert up.returncode == 0, up.stderr[-3000:]
+            sub.wait_quiet()
+            seen = sub.event_ids()
+        finally:
+            sub.close()
+    assert seen == _stored_ids(tmp_path / "data") and len(seen) == 804

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from abc import ABC, abstractmethod
@@ -13,6 +14,8 @@ from syncd.observability import Metrics
 from syncd.spool import Batch, Spool
 
 log = structlog.get_logger("syncd.sink")
+
+FLUSH_GIVE_UP_S = 30.0  # at shutdown, a sink failing this long keeps its backlog spooled instead of holding the exit
 
 
 class Sink(ABC):
@@ -41,6 +44,7 @@ class Drainer:
         self.wake = asyncio.Event()
         self.max_backoff = max_backoff
         self.healthy = True
+        self.failing_since: float | None = None  # monotonic time the current run of failures began
         self.opened = False
         self.delivered_rows = 0
         self._rng = random.Random()
@@ -53,19 +57,32 @@ class Drainer:
                 continue
             await self.step(stop)
 
-    async def flush(self, deadline: float) -> bool:
-        """Write everything spooled for this sink before `deadline` (monotonic); True when empty."""
+    async def flush(self, deadline: float, give_up_after: float = FLUSH_GIVE_UP_S) -> bool:
+        """Write everything spooled for this sink before `deadline` (monotonic); True when empty.
+
+        A sink that keeps failing for `give_up_after` seconds is not waited for any longer: its pages
+        stay in the spool for the next start, and the caller says so.
+        """
         gate = asyncio.Event()
         while time.monotonic() < deadline:
             if await self.spool.run(self.spool.next_batch, self.sink.name, self.sink.batch_rows) is None:
                 return True
-            await self.step(gate, deadline=deadline)
+            if self.failing_since is not None and time.monotonic() - self.failing_since >= give_up_after:
+                return False
+            await self.step(gate, deadline=deadline, give_up_after=give_up_after)
         return False
 
-    async def step(self, stop: asyncio.Event, deadline: float | None = None) -> None:
-        """Write one batch, retrying it until it lands, `stop` is set, or the deadline passes."""
+    async def step(self, stop: asyncio.Event, deadline: float | None = None, give_up_after: float | None = None) -> None:
+        """Write one batch, retrying it until it lands, `stop` is set, or the deadline passes.
+
+        With `give_up_after`, the deadline also comes that many seconds after the sink began failing.
+        """
         attempt = 0
-        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        while not stop.is_set():
+            if give_up_after is not None and self.failing_since is not None:
+                deadline = min(deadline or math.inf, self.failing_since + give_up_after)
+            if deadline is not None and time.monotonic() >= deadline:
+                return
             try:
                 if not self.opened:
                     await self.sink.open()
@@ -83,7 +100,7 @@ class Drainer:
                 self.metrics.inc("syncd_sink_errors_total", sink=self.sink.name)
                 if self.healthy:
                     log.warning("sink.failing", sink=self.sink.name, error=f"{err.__class__.__name__}: {err}")
-                    self.healthy = False
+                    self.healthy, self.failing_since = False, time.monotonic()
                 delay = self._rng.uniform(0.5, 1.0) * min(self.max_backoff, 0.2 * 2**attempt)
                 if deadline is not None:
                     delay = min(delay, max(0.0, deadline - time.monotonic()))
@@ -94,7 +111,7 @@ class Drainer:
                 continue
             if not self.healthy:
                 log.info("sink.recovered", sink=self.sink.name, attempts=attempt)
-                self.healthy = True
+                self.healthy, self.failing_since = True, None
             rows = batch.rows - (skipped or 0)
             if skipped:
                 self.metrics.inc("syncd_sink_skipped_rows_total", skipped, sink=self.sink.name, reason="max_age")
