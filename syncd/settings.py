@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -260,6 +261,12 @@ class Settings(BaseSettings):
                 v = getattr(obj, name)
                 if isinstance(v, SecretStr) and v.get_secret_value():
                     out.append(v.get_secret_value())
+        urls = [self.clickhouse.dsn, self.mqtt.url if self.mqtt else ""]
+        urls += [s.mqtt_url for s in self.sources if isinstance(s, NavixySource)]
+        for url in urls:  # a password written into a URL (https://user:pass@host) is a secret too
+            password = urlsplit(url).password if url else None
+            if password:
+                out += [password, unquote(password)]
         return out
 
 

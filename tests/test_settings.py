@@ -110,3 +110,11 @@ def test_a_stream_kind_the_vendor_does_not_have_is_named(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as err:
         load(cfg, {})
     assert err.value.problems == ["sources[0].streams[1]: must be 'telemetry' or 'alert'"]
+
+
+def test_passwords_inside_urls_count_as_secrets(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[clickhouse]\ndsn = "https://u:ch%2Fpass@ch.example.com:8443"\n'
+                   '[mqtt]\nurl = "mqtts://bus:mqtt-url-pass@broker.example.com"\n')
+    secrets = load(cfg, {}).secrets()
+    assert {"ch%2Fpass", "ch/pass", "mqtt-url-pass"} <= set(secrets)

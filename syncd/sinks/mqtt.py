@@ -67,6 +67,9 @@ class MqttSink(Sink):
         self.host = url.hostname or "127.0.0.1"
         self.tls = url.scheme == "mqtts"
         self.port = url.port or (8883 if self.tls else 1883)
+        # credentials in the URL (mqtt://user:pass@host) count when the username/password keys are not set
+        self.username = settings.username or unquote(url.username or "")
+        self.password = settings.password.get_secret_value() or unquote(url.password or "")
         self.prefix = topic_level(settings.prefix) if settings.prefix else "syncd"
         self.state_topic = f"{self.prefix}/_syncd/{topic_level(instance)}/state"
         self.client: aiomqtt.Client | None = None
@@ -86,7 +89,7 @@ class MqttSink(Sink):
                 tls_context.check_hostname = False
                 tls_context.verify_mode = ssl.CERT_NONE
         client = aiomqtt.Client(
-            self.host, self.port, username=s.username or None, password=s.password.get_secret_value() or None,
+            self.host, self.port, username=self.username or None, password=self.password or None,
             identifier=s.client_id or f"syncd-{self.instance}", clean_session=True, timeout=ACK_TIMEOUT,
             will=aiomqtt.Will(self.state_topic, b"offline", qos=1, retain=True), tls_context=tls_context,
             max_inflight_messages=0, keepalive=30,  # 0: unlimited in paho; our window bounds it, and paho skips a per-ack scan
