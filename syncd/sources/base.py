@@ -8,16 +8,18 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from syncd.events import Event
 from syncd.http import VendorClient, default_error
 from syncd.settings import SourceBase
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,19 @@ class Source(ABC):
             source=self.name, vendor=self.vendor, kind=kind, tenant=tenant, device=device, metric=metric,
             ts_ms=ts_ms, value=value, text=text, attrs=attrs or {},
         )
+
+
+def valid(model: type[M], records: Iterable[Any], dead: list[DeadLetter],
+          context: Callable[[Any], Any] | None = None) -> Iterator[M]:
+    """The records that validate as `model`; every other one becomes a dead letter naming the bad field.
+
+    `context` wraps a failed record for the dead letter (e.g. with the agent it came from).
+    """
+    for raw in records:
+        try:
+            yield model.model_validate(raw)
+        except ValidationError as err:
+            dead.append(dead_letter(context(raw) if context else raw, err))
 
 
 def dead_letter(record: Any, err: Exception) -> DeadLetter:

@@ -18,7 +18,7 @@ from syncd.events import Event, parse_iso_ms
 from syncd.http import retry_after
 from syncd.settings import IotoSource as IotoConfig
 from syncd.settings import start_ms
-from syncd.sources.base import Page, Source, Stream, dead_letter
+from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter, valid
 
 PAGE_LIMIT = 1000  # always sent: the Builder docs default `limit` to 1 [D-gen]; no maximum documented [A]
 METRIC_NAMESPACE = "Embedthis/Device"  # the only namespace metric/fetch accepts [D-met]
@@ -176,6 +176,11 @@ def map_error(status: int, headers: Mapping[str, str], body: bytes, url: str) ->
     if status >= 500 or status == 408:
         return VendorUnavailable(f"vendor error {status} from {url}: {text}", status=status, body=text, url=url)
     return RequestRejected(f"request rejected ({status}) by {url}: {text}", status=status, body=text, url=url)
+
+
+def _point_of(metric: str) -> Callable[[Any], dict[str, Any]]:
+    """How a bad metric point is kept as a dead letter: with the metric it belongs to."""
+    return lambda point: {"metric": metric, "point": point}
 
 
 class IotoSource(Source):
@@ -356,24 +361,15 @@ class IotoSource(Source):
         if not isinstance(data, list):
             raise MalformedResponse("/metric/fetch: response without a data array", body=str(out)[:200])
         seen: dict[str, dict[str, float | None]] = {}
-        events, dead = [], []
-        for raw in data:
-            try:
-                series = MetricSeries.model_validate(raw)
-            except ValidationError as err:
-                dead.append(dead_letter(raw, err))
-                continue
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        for series in valid(MetricSeries, data, dead):
             name = f"{series.metric}.{METRIC_STATISTIC}.{series.period}"
             before, now = cursor.get(name, {}), seen.setdefault(name, {})
             attrs = {"namespace": series.namespace, "dimensions": orjson.dumps(series.dimensions).decode()}
             if series.samples is not None:
                 attrs["samples"] = str(series.samples)
-            for p in series.points:
-                try:
-                    point = MetricPoint.model_validate(p)
-                except ValidationError as err:
-                    dead.append(dead_letter({"metric": series.metric, "point": p}, err))
-                    continue
+            for point in valid(MetricPoint, series.points, dead, _point_of(series.metric)):
                 now[str(point.timestamp)] = point.value
                 if str(point.timestamp) in before and before[str(point.timestamp)] == point.value:
                     continue
@@ -395,13 +391,9 @@ class IotoSource(Source):
         frm, wm, edge, opened = cursor["from"], cursor["wm"], set(cursor["edge"]), dict(cursor["open"])
         top, top_edge = cursor["top"], set(cursor["top_edge"])
         items, nxt = await self._page("/alert/find", {}, cursor["next"])
-        events, dead = [], []
-        for raw in items:
-            try:
-                alert = AlertItem.model_validate(raw)
-            except ValidationError as err:
-                dead.append(dead_letter(raw, err))
-                continue
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        for alert in valid(AlertItem, items, dead):
             ts = alert.timestamp
             if ts < frm:
                 continue

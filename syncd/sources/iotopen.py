@@ -11,10 +11,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from syncd.errors import VendorAuthError
-from syncd.events import seconds_to_ms
+from syncd.events import Event, seconds_to_ms
 from syncd.settings import IotOpenSource as IotOpenConfig
 from syncd.settings import start_ms
-from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter
+from syncd.sources.base import DeadLetter, Page, Source, Stream, valid
 
 # Values need ~5 s to show up after publishing [S]; read the log only up to now minus this.
 PROPAGATION_LAG_S = 10
@@ -142,13 +142,9 @@ class IotOpenSource(Source):
     async def _fetch_status(self, stream: Stream, seen: dict[str, int]) -> Page:
         """Latest values; only values whose timestamp moved are emitted (the cursor remembers each topic's)."""
         raw = await self._get(f"/api/v2/status/{stream.tenant}")
-        events, dead, cursor = [], [], dict(seen)
-        for record in raw if isinstance(raw, list) else []:
-            try:
-                item = LynxValue.model_validate(record)
-            except ValidationError as err:
-                dead.append(dead_letter(record, err))
-                continue
+        events, cursor = [], dict(seen)
+        dead: list[DeadLetter] = []
+        for item in valid(LynxValue, raw if isinstance(raw, list) else [], dead):
             ts_ms = seconds_to_ms(item.timestamp)
             if cursor.get(item.topic) == ts_ms:
                 continue
@@ -178,13 +174,9 @@ class IotOpenSource(Source):
             return Page([], cursor, done=True, dead=[DeadLetter("log page without a data array", str(body)[:2000])])
         max_ms, edge = cursor["max_ms"], set(cursor["edge"])
         new_max, new_edge = max_ms, set(edge)
-        events, dead = [], []
-        for record in data:
-            try:
-                item = LynxValue.model_validate(record)
-            except ValidationError as err:
-                dead.append(dead_letter(record, err))
-                continue
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        for item in valid(LynxValue, data, dead):
             ts_ms = seconds_to_ms(item.timestamp)
             key = f"{item.topic}@{ts_ms}"
             if max_ms is not None and (ts_ms < max_ms or (ts_ms == max_ms and key in edge)):

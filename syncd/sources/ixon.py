@@ -17,7 +17,7 @@ from syncd.events import Event, ms_to_iso, parse_iso_ms
 from syncd.http import default_error
 from syncd.settings import IxonSource as IxonConfig
 from syncd.settings import start_ms
-from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter
+from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter, valid
 
 API_VERSION = "2"  # required header on every call [S]
 # Only used when discovery does not name a rel [A: brief §1, "fall back to the paths below"].
@@ -314,12 +314,7 @@ class IxonSource(Source):
                                              ALARM_FILTER.format(since=ms_to_iso(since)))
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        for raw in items:
-            try:
-                occ = Occurrence.model_validate(raw)
-            except ValidationError as err:
-                dead.append(dead_letter({"agent": agent, "occurrence": raw}, err))
-                continue
+        for occ in valid(Occurrence, items, dead, lambda raw: {"agent": agent, "occurrence": raw}):
             pid = occ.publicId
             newest = occ.occurredOn if newest is None else max(newest, occ.occurredOn)
             if pid in closed:
@@ -348,13 +343,9 @@ class IxonSource(Source):
 
     async def _fetch_status(self, stream: Stream, seen: dict[str, Any]) -> Page:
         """Agent online state (brief §8): emitted when it changes; ts = `mqttChangedOn`, else poll time."""
-        cursor, events, dead = dict(seen), [], []
-        for raw in await self._list_all("AgentList", "", AGENT_FIELDS):
-            try:
-                agent = Agent.model_validate(raw)
-            except ValidationError as err:
-                dead.append(dead_letter(raw, err))
-                continue
+        cursor, events = dict(seen), []
+        dead: list[DeadLetter] = []
+        for agent in valid(Agent, await self._list_all("AgentList", "", AGENT_FIELDS), dead):
             # online = an open VPN session [A: the brief names activeVpnSession/mqttChangedOn, not the rule]
             value = 1.0 if agent.activeVpnSession else 0.0
             state = [value, agent.activeStatus, agent.mqttChangedOn]

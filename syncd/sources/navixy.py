@@ -24,7 +24,7 @@ from syncd.errors import (
 )
 from syncd.events import Event, parse_iso_ms
 from syncd.settings import NavixySource as NavixyConfig
-from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter
+from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter, valid
 from syncd.sources.mqtt_push import MqttSubscription, payload_bytes, topic_matches
 
 log = structlog.get_logger("syncd.navixy")
@@ -275,12 +275,7 @@ class NavixySource(Source):
         now_ms = self.now_ms()
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        for raw in (await self._call("GET", "/iot/logic/flow/list")).get("list") or []:
-            try:
-                flow = Flow.model_validate(raw)
-            except ValidationError as err:
-                dead.append(dead_letter(raw, err))
-                continue
+        for flow in valid(Flow, (await self._call("GET", "/iot/logic/flow/list")).get("list") or [], dead):
             mark = f"{flow.modified}/{int(flow.enabled)}"
             if flows_seen.get(str(flow.id)) == mark:
                 continue
