@@ -68,6 +68,16 @@ def parse_iso_ms(text: str) -> int:
     return round(dt.timestamp() * 1000)
 
 
+def iso_field_ms(value: Any) -> int:
+    """A vendor record's ISO 8601 time field to epoch ms; the error (a dead letter's reason) quotes the bad text."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be an ISO 8601 date-time string (got {value!r})")
+    try:
+        return parse_iso_ms(value)
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 date-time: {value[:40]!r}") from None
+
+
 def ms_to_iso(ts_ms: int) -> str:
     """Epoch ms to ISO 8601 UTC with milliseconds (the MQTT payload format)."""
     dt = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)

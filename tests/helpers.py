@@ -73,3 +73,13 @@ def once_twice(cfg: Path) -> tuple[Run, Run, list[list[Any]]]:
     second = syncd("run", "--config", str(cfg), "--once")
     assert second.returncode == 0, second.stderr[-3000:]
     return first, second, between
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    """The most timestamps (sorted) that fall in any `window` seconds: what a rate limit counts."""
+    best, j = 0, 0
+    for i, now in enumerate(times):
+        while times[j] <= now - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best

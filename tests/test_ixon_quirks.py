@@ -19,6 +19,7 @@ from syncd.sim.common import TruthRow, start_sims
 from syncd.sim.ixon import IxonSim
 from syncd.sources.base import DeadLetter
 from syncd.sources.ixon import IxonSource
+from tests.helpers import max_in_window
 
 Key = tuple[str, str, str, str, int]
 
@@ -195,14 +196,6 @@ async def test_default_throttle_never_exceeds_50_per_second_or_3000_per_minute()
         assert src.client.requests == len(sim.requests) == 150  # none refused, none retried
         assert max_in_window([r.at for r in sim.requests], 1.0) <= 50
 
-
-def max_in_window(times: list[float], window: float) -> int:
-    best, j = 0, 0
-    for i, now in enumerate(times):
-        while times[j] <= now - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
 
 
 async def test_alarm_opens_then_closes_between_polls() -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 
@@ -42,18 +43,22 @@ def _stored_ids(data: Path) -> set[int]:
     return {int(r[0]) for r in rows}
 
 
-def test_subscriber_sees_every_fresh_event(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    sim = IotOpenSim(seed=31, installations=2, topics_per_installation=6, log_points=4000, history=600)
-    sub = Subscriber(mosquitto.port)
+def _once_under_subscriber(tmp: Path, sim: IotOpenSim, broker: Mosquitto, extra: str = "") -> list[tuple[str, Any]]:
+    """`syncd run --once` with a subscriber on `syncd/#` started before it; the (topic, payload) events it got."""
+    sub = Subscriber(broker.port)
     try:
         with sims_in_thread([sim]):
-            cfg = _config(tmp_path, sim, mosquitto)
-            r = syncd("run", "--config", str(cfg), "--once")
+            r = syncd("run", "--config", str(_config(tmp, sim, broker, extra)), "--once")
             assert r.returncode == 0, r.stderr[-3000:]
         sub.wait_quiet()
-        events = sub.events()
+        return sub.events()
     finally:
         sub.close()
+
+
+def test_subscriber_sees_every_fresh_event(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    sim = IotOpenSim(seed=31, installations=2, topics_per_installation=6, log_points=4000, history=600)
+    events = _once_under_subscriber(tmp_path, sim, mosquitto)
     stored = _stored_ids(tmp_path / "data")
     assert len(stored) == 4000 + 12
     seen = {int(p["event_id"]) for _, p in events}
@@ -67,16 +72,7 @@ def test_subscriber_sees_every_fresh_event(tmp_path: Path, mosquitto: Mosquitto)
 
 def test_backfill_older_than_max_age_goes_to_clickhouse_only(tmp_path: Path, mosquitto: Mosquitto) -> None:
     sim = IotOpenSim(seed=32, installations=1, topics_per_installation=4, log_points=1000, history=6 * 3600)
-    sub = Subscriber(mosquitto.port)
-    try:
-        with sims_in_thread([sim]):
-            cfg = _config(tmp_path, sim, mosquitto, 'max_age = "1h"')
-            r = syncd("run", "--config", str(cfg), "--once")
-            assert r.returncode == 0, r.stderr[-3000:]
-        sub.wait_quiet()
-        seen = sub.event_ids()
-    finally:
-        sub.close()
+    seen = {int(p["event_id"]) for _, p in _once_under_subscriber(tmp_path, sim, mosquitto, 'max_age = "1h"')}
     (fresh, total) = ch(tmp_path / "data",
                         "SELECT toString(event_id) FROM syncd.events FINAL WHERE ts >= now64(3) - INTERVAL 55 MINUTE",
                         "SELECT count() FROM syncd.events FINAL")

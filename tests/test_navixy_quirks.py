@@ -6,7 +6,6 @@ import asyncio
 import signal
 import sqlite3
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from syncd.sim.navixy import EP_MQTT, STAGING_TOPIC, NavixySim
 from syncd.sources.navixy import NavixySource
 from tests.conftest import free_port
 from tests.helpers import ch, popen_syncd, stored_keys, syncd, truth_keys, write_config
+from tests.mqtt_helpers import metrics
 
 
 def wait_for(path: Path, needle: str, count: int = 1, timeout: float = 30.0) -> None:
@@ -144,9 +144,7 @@ def wait_for_events(port: int, want: int, timeout: float = 30.0) -> None:
 
 
 def telemetry_events(port: int) -> float:
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    lines = [ln for ln in metrics.splitlines() if ln.startswith("syncd_events_total{") and 'kind="telemetry"' in ln]
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+    return sum(v for k, v in metrics(port).items() if k.startswith("syncd_events_total{") and 'kind="telemetry"' in k)
 
 
 def test_check_warns_when_no_enabled_flow_publishes_to_the_configured_topics(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from syncd.errors import MalformedResponse, RequestRejected, VendorAuthError
-from syncd.events import Event, ms_to_iso, parse_iso_ms
+from syncd.events import Event, iso_field_ms, ms_to_iso
 from syncd.http import default_error
 from syncd.settings import IxonSource as IxonConfig
 from syncd.settings import start_ms
@@ -35,16 +35,9 @@ ALARM_FIELDS = "publicId,alarm(name,severity),occurredOn,rtnOn,acknowledged,comm
 ALARM_FILTER = 'gte(occurredOn,"{since}")'
 
 
-def _iso_ms(value: Any) -> int:
-    if not isinstance(value, str):
-        raise ValueError("must be an ISO 8601 date-time string")
-    try:
-        return parse_iso_ms(value)
-    except ValueError:
-        raise ValueError(f"not an ISO 8601 date-time: {value[:40]!r}") from None
 
 
-IsoMs = Annotated[int, BeforeValidator(_iso_ms)]
+IsoMs = Annotated[int, BeforeValidator(iso_field_ms)]
 
 
 class _Raw(BaseModel):

@@ -22,7 +22,7 @@ from syncd.errors import (
     VendorAuthError,
     VendorUnavailable,
 )
-from syncd.events import Event, parse_iso_ms
+from syncd.events import Event, iso_field_ms
 from syncd.settings import NavixySource as NavixyConfig
 from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter, valid
 from syncd.sources.mqtt_push import MqttSubscription, payload_bytes, topic_matches
@@ -50,7 +50,7 @@ class Flow(BaseModel):
     @field_validator("modified", mode="before")
     @classmethod
     def _modified(cls, v: Any) -> int | None:
-        return None if v is None else _iso_ms(v)
+        return None if v is None else iso_field_ms(v)
 
 
 class Endpoint(BaseModel):
@@ -109,16 +109,9 @@ class NgpHeader(BaseModel):
     @field_validator("message_time", mode="before")
     @classmethod
     def _message_time(cls, v: Any) -> int:
-        return _iso_ms(v)
+        return iso_field_ms(v)
 
 
-def _iso_ms(v: Any) -> int:
-    if not isinstance(v, str):
-        raise ValueError(f"must be an ISO 8601 time string (got {v!r})")
-    try:
-        return parse_iso_ms(v)
-    except ValueError:
-        raise ValueError(f"not an ISO 8601 time: {v[:40]!r}") from None
 
 
 def flatten(prefix: str, value: Any, out: list[tuple[str, float | None, str | None]]) -> None:
