@@ -65,3 +65,16 @@ class RequestRejected(VendorError, Terminal):
 
 class SinkError(Transient):
     """A sink could not take a batch; the batch stays in the spool."""
+
+
+class RowsRefused(SyncdError):
+    """A sink refuses the data of a batch (some row can never be written there): the drainer splits the
+    batch until it finds the refused rows, dead-letters each, and delivers the rest."""
+
+
+class SchemaMismatch(SyncdError):
+    """The sink's table or column is not what syncd wrote it for: only that sink stops, loudly, until fixed."""
+
+    def __init__(self, message: str, *, table: str = "", column: str = "") -> None:
+        super().__init__(message)
+        self.table, self.column = table, column
