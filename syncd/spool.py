@@ -9,6 +9,7 @@ deduplication token.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import time
 import uuid
@@ -31,6 +32,12 @@ CREATE TABLE IF NOT EXISTS cursors (
 CREATE TABLE IF NOT EXISTS pages (
     id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, rows INTEGER NOT NULL,
     bytes INTEGER NOT NULL, source TEXT NOT NULL, stream TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS health (
+    scope TEXT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (scope, name));
+CREATE TABLE IF NOT EXISTS dead_seen (
+    source TEXT NOT NULL, stream TEXT NOT NULL, hash INTEGER NOT NULL, PRIMARY KEY (source, stream, hash))
+    WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sinks (
     name TEXT PRIMARY KEY, delivered INTEGER NOT NULL, inflight_first INTEGER, inflight_last INTEGER,
     dropped_rows INTEGER NOT NULL DEFAULT 0);
@@ -50,6 +57,22 @@ class Batch:
     @property
     def rows(self) -> int:
         return sum(len(p.get("e", ())) for p in self.pages)
+
+    def part(self, lo: int, hi: int, *, meta: bool = False) -> Batch:
+        """Events lo..hi (in batch order) as a batch of their own, with the dead letters and status rows only
+        when `meta`; its token derives from the range, so a retried part is deduplicated like a retried batch."""
+        pages, at = [], 0
+        for page in self.pages:
+            events = page.get("e", ())
+            start, end = max(lo - at, 0), min(hi - at, len(events))
+            at += len(events)
+            sub = {k: v for k, v in page.items() if k not in ("e", "d", "s")}
+            sub["e"] = events[start:end] if start < end else []
+            if meta:
+                sub["d"], sub["s"] = page.get("d", []), page.get("s", [])
+            if sub["e"] or sub.get("d") or sub.get("s"):
+                pages.append(sub)
+        return Batch(self.sink, self.first, self.last, f"{self.token}/{lo}-{hi}{'m' if meta else ''}", pages)
 
 
 class Spool:
@@ -90,9 +113,15 @@ class Spool:
         return {(s, t): orjson.loads(c) for s, t, c in self._db.execute("SELECT source, stream, cursor FROM cursors")}
 
     def commit_page(self, source: str, stream: str, payload: dict[str, Any], cursor: Any) -> int | None:
-        """Store a page (events `e`, dead letters `d`, stream status `s`) and the stream's cursor atomically."""
+        """Store a page (events `e`, dead letters `d`, stream status `s`) and the stream's cursor atomically.
+
+        A dead letter already stored for the stream (same reason and payload: a re-read page) is left out;
+        `payload["d"]` holds only the new ones afterwards.
+        """
         page_id = None
         with self._tx():
+            if payload.get("d"):
+                payload["d"] = [d for d in payload["d"] if self._first_sighting(source, stream, d)]
             if any(payload.get(k) for k in ("e", "d", "s")):
                 data = orjson.dumps(payload)
                 rows = len(payload.get("e", ()))
@@ -109,6 +138,28 @@ class Spool:
                     (source, stream, orjson.dumps(cursor).decode(), time.time()),
                 )
         return page_id
+
+    def _first_sighting(self, source: str, stream: str, letter: list[Any]) -> bool:
+        digest = hashlib.blake2b("\x1f".join(str(x) for x in letter).encode("utf-8", "backslashreplace"), digest_size=8)
+        cur = self._db.execute("INSERT OR IGNORE INTO dead_seen VALUES (?,?,?)",
+                               (source, stream, int.from_bytes(digest.digest(), "little", signed=True)))
+        return cur.rowcount == 1
+
+    def dead_counts(self) -> dict[tuple[str, str], int]:
+        """Distinct dead letters ever stored, per (source, stream)."""
+        return {(s, t): int(n) for s, t, n in
+                self._db.execute("SELECT source, stream, COUNT(*) FROM dead_seen GROUP BY source, stream")}
+
+    # -- health (what `syncd status` shows of sources and sinks) ---------------------------------
+
+    def set_health(self, scope: str, name: str, state: str, detail: str) -> None:
+        with self._tx():
+            self._db.execute("INSERT INTO health VALUES (?,?,?,?,?) ON CONFLICT(scope, name) DO UPDATE SET "
+                             "state=excluded.state, detail=excluded.detail, updated=excluded.updated",
+                             (scope, name, state, detail[:500], time.time()))
+
+    def health(self) -> list[tuple[str, str, str, str, float]]:
+        return list(self._db.execute("SELECT scope, name, state, detail, updated FROM health ORDER BY scope, name"))
 
     # -- sinks ------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ def test_schema_prints_and_applies_idempotently(tmp_path: Path) -> None:
     assert printed.returncode == 0 and "ReplacingMergeTree(ingested_at)" in printed.stdout
     assert "non_replicated_deduplication_window" in printed.stdout
     first = syncd("schema", "--config", str(cfg), "--apply")
-    assert first.returncode == 0 and "[1, 2, 3, 4]" in first.stdout, first.stderr
+    assert first.returncode == 0 and "[1, 2, 3, 4, 5]" in first.stdout, first.stderr
     again = syncd("schema", "--config", str(cfg), "--apply")
     assert again.returncode == 0 and "up to date" in again.stdout
 

@@ -70,3 +70,19 @@ CREATE TABLE IF NOT EXISTS `syncd`.`sync_status` (
 ) ENGINE = ReplacingMergeTree(updated_at)
 ORDER BY (source, stream)
 SETTINGS index_granularity = 8192, non_replicated_deduplication_window = 10000;
+
+-- migration 5: dead_letter_distinct
+CREATE TABLE IF NOT EXISTS `syncd`.`dead_letter_v5` (
+    at DateTime64(3, 'UTC'),
+    source LowCardinality(String),
+    vendor LowCardinality(String),
+    stream String,
+    sink LowCardinality(String),
+    reason String,
+    payload String
+) ENGINE = ReplacingMergeTree()
+ORDER BY (source, stream, sink, reason, cityHash64(payload))
+SETTINGS index_granularity = 8192, non_replicated_deduplication_window = 10000;
+INSERT INTO `syncd`.`dead_letter_v5` (at, source, vendor, stream, sink, reason, payload) SELECT at, source, vendor, stream, '', reason, payload FROM `syncd`.`dead_letter`;
+EXCHANGE TABLES `syncd`.`dead_letter` AND `syncd`.`dead_letter_v5`;
+DROP TABLE IF EXISTS `syncd`.`dead_letter_v5`;

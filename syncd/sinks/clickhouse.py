@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +18,9 @@ from urllib.parse import urlsplit
 
 import clickhouse_connect
 import structlog
+from clickhouse_connect.driver.exceptions import DatabaseError, DataError, ProgrammingError
 
+from syncd.errors import RowsRefused, SchemaMismatch
 from syncd.events import COLUMNS
 from syncd.sinks.base import Sink
 from syncd.sinks.schema import migrations, migrations_table
@@ -26,10 +29,49 @@ from syncd.spool import Batch
 log = structlog.get_logger("syncd.clickhouse")
 
 EVENT_COLUMNS = [*COLUMNS, "ingested_at"]
-DEAD_COLUMNS = ["at", "source", "vendor", "stream", "reason", "payload"]
+DEAD_COLUMNS = ["at", "source", "vendor", "stream", "reason", "payload", "sink"]
 # The order the syncer spools a status record in (scheduler.Syncer._finish), plus the instance added here.
 STATUS_COLUMNS = ["source", "vendor", "stream", "kind", "ok", "cursor", "events", "pages", "duration_s",
                   "lag_s", "error", "last_success", "updated_at", "instance"]
+
+
+# What each column of `events` must be for our inserts to mean what we think (checked when an insert fails).
+EVENT_TYPES = {
+    "event_id": "UInt64", "source": "LowCardinality(String)", "vendor": "LowCardinality(String)",
+    "kind": "LowCardinality(String)", "tenant": "String", "device": "String", "metric": "String",
+    "ts": "DateTime64(3, 'UTC')", "value": "Nullable(Float64)", "text": "Nullable(String)",
+    "attrs": "Map(LowCardinality(String), String)", "ingested_at": "DateTime64(3, 'UTC')",
+}
+# ClickHouse error codes, by what they mean for a batch (the class of failure, never the message text):
+SCHEMA_CODES = frozenset({
+    8,  # THERE_IS_NO_COLUMN
+    10,  # NOT_FOUND_COLUMN_IN_BLOCK
+    16,  # NO_SUCH_COLUMN_IN_TABLE
+    20,  # NUMBER_OF_COLUMNS_DOESNT_MATCH
+    44,  # ILLEGAL_COLUMN
+    47,  # UNKNOWN_IDENTIFIER
+    53,  # TYPE_MISMATCH
+    60,  # UNKNOWN_TABLE
+    81,  # UNKNOWN_DATABASE
+})
+DATA_CODES = frozenset({
+    6,  # CANNOT_PARSE_TEXT
+    27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,  # CANNOT_PARSE_DATE
+    41,  # CANNOT_PARSE_DATETIME
+    69,  # ARGUMENT_OUT_OF_BOUND
+    72,  # CANNOT_PARSE_NUMBER
+    117,  # INCORRECT_DATA
+    131,  # TOO_LARGE_STRING_SIZE
+    321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    407,  # DECIMAL_OVERFLOW
+})
+# Everything else (connection, timeout, 5xx, TOO_MANY_PARTS, MEMORY_LIMIT_EXCEEDED, auth) is transient: retried.
+# The client refuses a value it cannot serialize with one of these before anything is sent:
+CLIENT_DATA_ERRORS = (DataError, TypeError, ValueError, OverflowError, struct.error)
+# toYYYYMM partitions one insert may touch (the server refuses more than max_partitions_per_insert_block, 100).
+PARTITIONS_PER_INSERT = 90
 
 
 class StoreLocked(RuntimeError):
@@ -69,6 +111,29 @@ def _held_by_another_process(status_file: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def _partition_groups(rows: list[Any]) -> list[list[Any]]:
+    """Rows in groups touching at most PARTITIONS_PER_INSERT monthly partitions (one group in the usual case)."""
+    ts = COLUMNS.index("ts")
+    months = {_month(r[ts]) for r in rows}
+    if len(months) <= PARTITIONS_PER_INSERT:
+        return [rows] if rows else []
+    order = sorted(months)
+    group_of = {m: i // PARTITIONS_PER_INSERT for i, m in enumerate(order)}
+    groups: list[list[Any]] = [[] for _ in range(group_of[order[-1]] + 1)]
+    for r in rows:
+        groups[group_of[_month(r[ts])]].append(r)
+    return groups
+
+
+def _month(ts_ms: int) -> int:
+    """toYYYYMM of an epoch-ms timestamp, as an ordinal (days/month arithmetic is enough for grouping)."""
+    return int(time.strftime("%Y%m", time.gmtime(ts_ms / 1000))) if -2208988800000 <= ts_ms < 253402300800000 else 0
+
+
+def _short(err: Exception) -> str:
+    return str(err).splitlines()[0][:300] if str(err) else err.__class__.__name__
 
 
 def redact_dsn(dsn: str) -> str:
@@ -112,8 +177,11 @@ class ClickHouseSink(Sink):
         for m in [first, *rest]:
             if m.version in done:
                 continue
-            for stmt in m.statements:
-                client.command(stmt)
+            if m.done_if and client.query(m.done_if).result_rows[0][0]:
+                log.info("clickhouse.migration_found_in_place", version=m.version, name=m.name)
+            else:
+                for stmt in m.statements:
+                    client.command(stmt)
             client.insert(f"`{self.database}`.schema_migrations", [[m.version, m.name, int(time.time() * 1000)]],
                           column_names=["version", "name", "applied_at"])
             applied.append(m.version)
@@ -126,21 +194,57 @@ class ClickHouseSink(Sink):
     def _write(self, batch: Batch) -> None:
         now_ms = int(time.time() * 1000)
         rows = [r for page in batch.pages for r in page.get("e", ())]
-        if rows:
-            columns = [list(c) for c in zip(*rows, strict=True)]
-            columns.append([now_ms] * len(rows))
-            self.client.insert(
-                f"`{self.database}`.events", columns, column_names=EVENT_COLUMNS, column_oriented=True,
-                settings={"insert_deduplication_token": batch.token},
-            )
-        dead = [[now_ms, p["src"], p["vendor"], p["stream"], d[0], d[1]] for p in batch.pages for d in p.get("d", ())]
+        for i, group in enumerate(_partition_groups(rows)):
+            columns = [list(c) for c in zip(*group, strict=True)]
+            columns.append([now_ms] * len(group))
+            token = batch.token if i == 0 else f"{batch.token}/p{i}"
+            self._insert("events", columns, EVENT_COLUMNS, token, column_oriented=True)
+        dead = [[now_ms, p["src"], p["vendor"], p["stream"], d[0], d[1], d[2] if len(d) > 2 else ""]
+                for p in batch.pages for d in p.get("d", ())]
         if dead:
-            self.client.insert(f"`{self.database}`.dead_letter", dead, column_names=DEAD_COLUMNS,
-                               settings={"insert_deduplication_token": batch.token + "-d"})
+            self._insert("dead_letter", dead, DEAD_COLUMNS, batch.token + "-d")
         status = [[*s, self.instance] for p in batch.pages for s in p.get("s", ())]
         if status:
-            self.client.insert(f"`{self.database}`.sync_status", status,
-                               column_names=STATUS_COLUMNS, settings={"insert_deduplication_token": batch.token + "-s"})
+            self._insert("sync_status", status, STATUS_COLUMNS, batch.token + "-s")
+
+    def _insert(self, table: str, data: list[Any], columns: list[str], token: str, column_oriented: bool = False) -> None:
+        """One insert; its failure becomes RowsRefused, SchemaMismatch, or stays what it was (transient)."""
+        try:
+            self.client.insert(f"`{self.database}`.{table}", data, column_names=columns, column_oriented=column_oriented,
+                               settings={"insert_deduplication_token": token})
+        except DatabaseError as err:
+            code = getattr(err, "code", None)
+            if code in SCHEMA_CODES or (isinstance(err, ProgrammingError) and code is None) or code in DATA_CODES \
+                    or isinstance(err, DataError):
+                self._raise_schema_mismatch(table, err)
+            if code in DATA_CODES or isinstance(err, DataError):
+                raise RowsRefused(f"{table}: {_short(err)}") from err
+            raise
+        except CLIENT_DATA_ERRORS as err:
+            self._raise_schema_mismatch(table, err)
+            raise RowsRefused(f"{table}: {err.__class__.__name__}: {_short(err)}") from err
+
+    def _raise_schema_mismatch(self, table: str, err: Exception) -> None:
+        """Compare the table with what syncd writes: a missing table or a changed column is a SchemaMismatch."""
+        try:
+            described = {r[0]: r[1] for r in self.client.query(f"DESCRIBE TABLE `{self.database}`.`{table}`").result_rows}
+        except DatabaseError as check:
+            if getattr(check, "code", None) in (60, 81):  # UNKNOWN_TABLE, UNKNOWN_DATABASE
+                raise SchemaMismatch(f"table {self.database}.{table} does not exist", table=table) from err
+            if getattr(err, "code", None) in SCHEMA_CODES:
+                raise SchemaMismatch(f"{self.database}.{table}: {_short(err)}", table=table) from err
+            return  # the check itself failed (connection?): let the original error decide
+        expected = EVENT_TYPES if table == "events" else {}
+        columns = {"events": EVENT_COLUMNS, "dead_letter": DEAD_COLUMNS, "sync_status": STATUS_COLUMNS}.get(table, [])
+        for column in columns:
+            if column not in described:
+                raise SchemaMismatch(f"{self.database}.{table} has no column {column}", table=table, column=column) from err
+            want = expected.get(column)
+            if want is not None and described[column].replace(" ", "") != want.replace(" ", ""):
+                raise SchemaMismatch(f"{self.database}.{table}.{column} is {described[column]}, syncd writes {want}",
+                                     table=table, column=column) from err
+        if getattr(err, "code", None) in SCHEMA_CODES:
+            raise SchemaMismatch(f"{self.database}.{table}: {_short(err)}", table=table) from err
 
     def query(self, sql: str) -> Any:
         return self.client.query(sql)

@@ -10,6 +10,7 @@ class Migration:
     version: int
     name: str
     statements: tuple[str, ...]
+    done_if: str = ""  # a query answering non-zero when the change is already in place (a crash before recording it)
 
 
 def migrations(database: str, cluster: str = "", ttl: str = "") -> list[Migration]:
@@ -115,6 +116,26 @@ ORDER BY (source, stream)
 SETTINGS index_granularity = 8192{dedup}""",
             *distributed("sync_status", "cityHash64(source)"),
         )),
+        # One row per distinct letter (a re-read page adds none), and which sink refused the row, if one did.
+        Migration(5, "dead_letter_distinct", (
+            f"""CREATE TABLE IF NOT EXISTS {table('dead_letter_v5')}{on} (
+    at DateTime64(3, 'UTC'),
+    source LowCardinality(String),
+    vendor LowCardinality(String),
+    stream String,
+    sink LowCardinality(String),
+    reason String,
+    payload String
+) ENGINE = {engine('ReplacingMergeTree')}
+ORDER BY (source, stream, sink, reason, cityHash64(payload))
+SETTINGS index_granularity = 8192{dedup}""",
+            f"INSERT INTO {table('dead_letter_v5')} (at, source, vendor, stream, sink, reason, payload) "
+            f"SELECT at, source, vendor, stream, '', reason, payload FROM {table('dead_letter')}",
+            f"EXCHANGE TABLES {table('dead_letter')} AND {table('dead_letter_v5')}{on}",
+            f"DROP TABLE IF EXISTS {table('dead_letter_v5')}{on}",
+            *((f"DROP TABLE IF EXISTS {db}.`dead_letter`{on}", *distributed("dead_letter", "rand()")) if cluster else ()),
+        ), done_if=f"SELECT count() FROM system.columns WHERE database = '{database}' "
+                   f"AND table = '{'dead_letter_local' if cluster else 'dead_letter'}' AND name = 'sink'"),
     ]
 
 
