@@ -56,7 +56,8 @@ class Daemon:
             cls = SOURCES[cfg.vendor]
             bucket = TokenBucket(cfg.rate or cls.default_rate, cfg.burst or cls.default_burst)
             client = VendorClient(self.session, bucket, timeout=cfg.timeout, concurrency=cfg.concurrency,
-                                  tls_verify=cfg.tls_verify, map_error=cls.map_error)
+                                  tls_verify=cfg.tls_verify, map_error=cls.map_error, name=cfg.name,
+                                  max_retry_after=cfg.max_retry_after)
             self.syncer.add_source(cls(cfg, client, clock=self.clock))
         for d in self.drainers:
             self.drain_tasks.append(asyncio.create_task(d.run(self.drain_stop), name=f"drain:{d.sink.name}"))
@@ -96,15 +97,15 @@ class Daemon:
     # -- modes --------------------------------------------------------------------------------------
 
     async def run_once(self) -> dict[str, str]:
-        """Sync every stream until caught up, drain every sink; returns {source: reason} for failed sources."""
+        """Sync every stream until caught up; returns {"source" or "source stream": reason} for each failure."""
         await self.discover_all()
         jobs = [self.syncer.run_stream(src, stream) for src, st in self.syncer.sources.items() for stream in st.streams]
         states = await asyncio.gather(*jobs)
-        failed = {name: st.failed or st.discovery_error for name, st in self.syncer.sources.items()
-                  if st.failed or st.discovery_error}
+        failed = {name: (f"auth_failed: {st.failed}" if st.failed else st.discovery_error)
+                  for name, st in self.syncer.sources.items() if st.failed or st.discovery_error}
         for state in states:
-            if state.failing and state.source not in failed:
-                failed[state.source] = f"stream {state.stream}: {state.error}"
+            if state.failing:
+                failed[f"{state.source} {state.stream}"] = state.error
         return failed
 
     async def run_forever(self, stop: asyncio.Event) -> None:
@@ -143,9 +144,10 @@ class Daemon:
             self.metrics.set("syncd_pollers_paused", 0)
 
     def ready(self) -> tuple[bool, str]:
-        failed = [n for n, st in self.syncer.sources.items() if st.failed]
-        if failed:
-            return False, "failed sources: " + ", ".join(failed)
+        problems = [f"source {n} auth_failed: {st.failed}" for n, st in self.syncer.sources.items() if st.failed]
+        problems += [f"sink {d.sink.name} stopped: {d.stopped}" for d in self.drainers if d.stopped]
+        if problems:
+            return False, "; ".join(problems)
         return True, "ready"
 
 
@@ -178,7 +180,11 @@ async def run(settings: Settings, *, once: bool) -> int:
     finally:
         flushed = await daemon.stop(flush_timeout=600.0 if once else FLUSH_TIMEOUT)
     for name, reason in failed.items():
-        log.error("run.source_failed", source=name, reason=reason)
+        source, _, stream = name.partition(" ")
+        if stream:
+            log.error("run.stream_failed", source=source, stream=stream, reason=reason)
+        else:
+            log.error("run.source_failed", source=source, reason=reason)
     if once and not flushed:
         return 1
     return 1 if failed else 0

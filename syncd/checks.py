@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import aiohttp
 from pydantic import ValidationError
 
@@ -15,8 +17,16 @@ CHECK_RETRY = RetryPolicy(attempts=2, rate_limited_attempts=3, cap=2.0)  # `chec
 CHECK_TIMEOUT = 15.0
 
 
-def warnings(settings: Settings) -> list[str]:
+def warnings(settings: Settings, path: str | None = None) -> list[str]:
+    """What an operator should hear at start: risky settings and a config file others can read."""
     out = []
+    if path is not None and os.path.exists(path) and os.stat(path).st_mode & 0o004:
+        out.append(f"{path} is readable by every user on this machine; it may hold credentials: chmod 600 {path}")
+    for i, s in enumerate(settings.sources):
+        if not s.tls_verify:
+            out.append(f"sources[{i}] ({s.name}): tls_verify = false: the vendor's certificate is not checked")
+    if settings.mqtt is not None and not settings.mqtt.tls_verify:
+        out.append("mqtt.tls_verify = false: the broker's certificate is not checked")
     if not settings.sources:
         out.append("no [[sources]] configured: syncd has nothing to sync")
     for i, s in enumerate(settings.sources):

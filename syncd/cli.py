@@ -72,6 +72,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         settings = load(args.config)
         configure_logging(settings.syncd.log_format, settings.secrets())
         from syncd.app import run
+        from syncd.checks import warnings
+
+        for line in warnings(settings, args.config):
+            log.warning("config.warning", warning=line)
 
         return asyncio.run(run(settings, once=args.once))
     if args.command == "demo":
@@ -105,7 +109,7 @@ def _check(path: str) -> int:
         return 2
     from syncd.checks import network_warnings, warnings
 
-    for line in warnings(settings) + asyncio.run(network_warnings(settings)):
+    for line in warnings(settings, path) + asyncio.run(network_warnings(settings)):
         print(f"warning: {line}")
     print(f"{path}: OK ({len(settings.sources)} source(s), mqtt {'on' if settings.mqtt else 'off'})")
     return 0
@@ -170,10 +174,19 @@ def _status(settings: Settings) -> int:
     try:
         for (source, stream), cursor in sorted(spool.cursors().items()):
             print(f"{source}\t{stream}\t{cursor}")
+        for (source, stream), count in sorted(spool.dead_counts().items()):
+            print(f"dead letters {source}\t{stream}: {count}")
         print(f"spool: {spool.pending_bytes} bytes undelivered")
+        health = {(scope, name): (state, detail) for scope, name, state, detail, _ in spool.health()}
         for sink in spool.sink_names():
             rows, age = spool.backlog(sink)
+            state, detail = health.get(("sink", sink), ("ok", ""))
             print(f"sink {sink}: {rows} events waiting" + (f", oldest spooled {age:.0f}s ago" if age is not None else ""))
+            if state != "ok":
+                print(f"sink {sink} {state}: {detail}")
+        for (scope, name), (state, detail) in sorted(health.items()):
+            if scope == "source":
+                print(f"source {name}: {state}" + (f" ({detail})" if detail else ""))
     finally:
         spool.close()
     return 0

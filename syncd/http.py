@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -110,8 +111,12 @@ class Response:
         try:
             return orjson.loads(self.body)
         except orjson.JSONDecodeError as err:
+            error = err
+        try:  # what JavaScript servers emit and orjson refuses: NaN, Infinity, lone surrogate escapes (a cut emoji)
+            return json.loads(self.body)
+        except ValueError:  # JSONDecodeError, and UnicodeDecodeError for bytes that are no text
             raise MalformedResponse(
-                f"response from {self.url} is not valid JSON ({err})", status=self.status,
+                f"response from {self.url} is not valid JSON ({error})", status=self.status,
                 body=self.body[:200].decode("utf-8", "replace"), url=self.url,
             ) from None
 
@@ -154,9 +159,9 @@ class VendorClient:
     def __init__(
         self, session: aiohttp.ClientSession, bucket: TokenBucket, *, timeout: float, concurrency: int = 4,
         tls_verify: bool = True, retry: RetryPolicy = RetryPolicy(), map_error: ErrorMapper = default_error,
-        sleep: Sleep = asyncio.sleep, seed: int | None = None,
+        sleep: Sleep = asyncio.sleep, seed: int | None = None, name: str = "", max_retry_after: float = 900.0,
     ) -> None:
-        self.session, self.bucket = session, bucket
+        self.session, self.bucket, self.name, self.max_retry_after = session, bucket, name, max_retry_after
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.ssl = bool(tls_verify)  # True: default verification; False: off (tls_verify = false)
         self.retry, self.map_error, self.sleep = retry, map_error, sleep
@@ -224,6 +229,10 @@ class VendorClient:
         error = self.map_error(status, headers, body, _redact(final_url))
         if error is not None:
             if isinstance(error, RateLimited):
+                if error.retry_after is not None and error.retry_after > self.max_retry_after:
+                    log.warning("http.retry_after_capped", source=self.name, retry_after=error.retry_after,
+                                capped_to=self.max_retry_after, url=_redact(final_url))
+                    error.retry_after = self.max_retry_after
                 self.bucket.on_rate_limited(error.retry_after)
             raise error
         self.bucket.on_success()

@@ -20,7 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd.errors import Terminal, Transient, VendorAuthError
 from syncd.observability import Metrics
-from syncd.sources.base import Page, Source, Stream
+from syncd.sources.base import Page, Source, Stream, guard_page
 from syncd.spool import Spool
 
 log = structlog.get_logger("syncd.sync")
@@ -56,12 +56,25 @@ class _Run:
     dead: int = 0
 
 
+AUTH_RECHECK_CAP_S = 1800.0  # a refused credential is re-checked with backoff growing up to this
+
+
 @dataclass
 class SourceState:
     source: Source
     streams: dict[str, Stream] = field(default_factory=dict)
-    failed: str = ""  # non-empty: the source is stopped, with the reason
+    failed: str = ""  # non-empty: the credential was refused (auth_failed); re-checked at `recheck_at`
+    recheck_at: float = 0.0  # monotonic time of the next credential re-check
+    recheck_delay: float = 0.0
     discovery_error: str = ""  # the last discovery failure, cleared by a successful one
+    discovered_at: float | None = None  # monotonic time of the last successful discovery
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def describe(err: BaseException) -> str:
+    """What a failed run says in sync_status and logs: the class and the message (never empty)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{err.__class__.__name__}: {text}"[:500] if text else err.__class__.__name__
 
 
 def in_shard(source: str, tenant: str, shard: tuple[int, int]) -> bool:
@@ -83,6 +96,17 @@ class Syncer:
         self.inflight: set[asyncio.Task[Any]] = set()
         self.scheduler: AsyncIOScheduler | None = None
         self.push_tasks: dict[str, asyncio.Task[StreamState]] = {}  # long-running push streams by job id
+        self.rediscover_every = 600.0
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def health(self, entry: tuple[str, str, str, str]) -> None:
+        """Record a change of a source's or sink's state in state.db, where `syncd status` reads it."""
+        try:
+            task = asyncio.get_running_loop().create_task(self.spool.run(self.spool.set_health, *entry))
+        except RuntimeError:  # no loop (shutting down): the log line and the metric still tell
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def add_source(self, source: Source) -> None:
         source.instance = self.instance
@@ -91,35 +115,60 @@ class Syncer:
     # -- discovery --------------------------------------------------------------------------------
 
     async def discover(self, name: str) -> list[Stream]:
-        """Log in (first time) and list the source's streams in this shard; a bad credential fails the source."""
+        """Log in (first time, or re-checking a refused key) and list the source's streams in this shard.
+
+        Any failure stays inside this source: a refused key marks it auth_failed (re-checked with capped
+        backoff), anything else is a discovery error (the streams known so far keep running).
+        """
         st = self.sources[name]
-        if st.failed:
-            return []
-        try:
-            if not st.streams:
-                await st.source.login()
-            streams = await self._with_relogin(st, st.source.discover)
-        except VendorAuthError as err:
-            self._fail_source(st, err)
-            return []
-        except (Transient, Terminal) as err:
-            log.warning("source.discovery_failed", source=name, error=str(err))
-            self.metrics.inc("syncd_discovery_errors_total", source=name)
-            st.discovery_error = f"discovery: {err}"
-            return list(st.streams.values())
-        st.discovery_error = ""
-        mine = [s for s in streams if in_shard(name, s.tenant, self.shard)]
-        for s in mine:
-            st.streams[s.name] = s
-            self.states.setdefault((name, s.name), StreamState(name, s.name, s.kind))
-        return mine
+        async with st.lock:
+            if st.failed and time.monotonic() < st.recheck_at:
+                return []
+            try:
+                if not st.streams or st.failed:
+                    await st.source.login()
+                streams = await self._with_relogin(st, st.source.discover)
+            except asyncio.CancelledError:
+                raise
+            except VendorAuthError as err:
+                self._fail_source(st, err)
+                return []
+            except Exception as err:  # noqa: BLE001 - the boundary: one source's surprise never stops another
+                error = describe(err)
+                if st.discovery_error != error:
+                    log.warning("source.discovery_failed", source=name, error=error)
+                self.metrics.inc("syncd_discovery_errors_total", source=name, error=err.__class__.__name__)
+                st.discovery_error = f"discovery: {error}"
+                return list(st.streams.values())
+            if st.failed:
+                self._source_recovered(st)
+            if st.discovery_error:
+                log.info("source.discovery_recovered", source=name)
+            st.discovery_error, st.discovered_at = "", time.monotonic()
+            mine = [s for s in streams if in_shard(name, s.tenant, self.shard)]
+            for s in mine:
+                st.streams[s.name] = s
+                self.states.setdefault((name, s.name), StreamState(name, s.name, s.kind))
+            return mine
 
     def _fail_source(self, st: SourceState, err: Exception) -> None:
-        if not st.failed:
-            st.failed = str(err)
-            log.error("source.failed", source=st.source.name, error=str(err),
-                      hint="check the credential; the source stays stopped until syncd is restarted")
-            self.metrics.set("syncd_source_failed", 1, source=st.source.name)
+        """A refused credential: the source waits, then tries again (1 min doubling to 30 min), no restart needed."""
+        cfg = st.source.config
+        first = not st.failed
+        st.recheck_delay = cfg.auth_recheck if first else min(AUTH_RECHECK_CAP_S, max(st.recheck_delay * 2, cfg.auth_recheck))
+        st.recheck_at = time.monotonic() + st.recheck_delay
+        st.failed = describe(err)
+        if first:
+            log.error("source.failed", source=st.source.name, state="auth_failed", error=st.failed,
+                      recheck_in_s=st.recheck_delay, hint="fix the credential; syncd re-checks it by itself, no restart needed")
+        self.metrics.set("syncd_source_auth_failed", 1, source=st.source.name)
+        self.health(("source", st.source.name, "auth_failed", st.failed))
+
+    def _source_recovered(self, st: SourceState) -> None:
+        log.info("source.auth_recovered", source=st.source.name, was=st.failed)
+        st.failed, st.recheck_delay, st.recheck_at = "", 0.0, 0.0
+        self.metrics.set("syncd_source_auth_failed", 0, source=st.source.name)
+        self.health(("source", st.source.name, "ok", ""))
 
     async def _with_relogin(self, st: SourceState, call: Callable[[], Awaitable[Any]]) -> Any:
         try:
@@ -140,6 +189,8 @@ class Syncer:
         """
         st = self.sources[source_name]
         state = self.states[(source_name, stream_name)]
+        if st.failed and time.monotonic() >= st.recheck_at and not self.stop.is_set():
+            await self.discover(source_name)  # the credential's re-check is due: a fixed key resumes the stream
         if st.failed or self.stop.is_set():
             return state
         task = asyncio.current_task()
@@ -156,19 +207,24 @@ class Syncer:
                 await self._run_push(st, state, stream, run, idle)
             else:
                 await self._run_pull(st, state, stream, run)
-        except VendorAuthError as err:
-            error = str(err)
-            self._fail_source(st, err)
-        except (Transient, Terminal) as err:
-            error = f"{err.__class__.__name__}: {err}"
         except asyncio.CancelledError:
             error = "cancelled"
             raise
+        except VendorAuthError as err:
+            error = describe(err)
+            self._fail_source(st, err)
+        except Exception as err:  # noqa: BLE001 - the job boundary decides: every exception fails the run, visibly
+            error = describe(err)
+            if not isinstance(err, Transient | Terminal) and not state.failing:  # a surprise: its traceback, once
+                log.error("stream.unexpected_error", error=error, exc_info=True)
         finally:
             if task is not None:
                 self.inflight.discard(task)
             duration = time.monotonic() - started
-            await self._finish(state, source, stream, error, run.cursor, run.events, run.pages, run.dead, duration)
+            try:
+                await self._finish(state, source, stream, error, run.cursor, run.events, run.pages, run.dead, duration)
+            except Exception as err:  # noqa: BLE001 - reporting must never turn a run into a crash
+                log.error("stream.status_failed", error=describe(err))
             structlog.contextvars.unbind_contextvars("source", "stream", "run_id")
         return state
 
@@ -210,8 +266,9 @@ class Syncer:
                         raise
                     attempt = 1 if run.pages > pages else attempt + 1  # a connection that delivered resets the backoff
                     delay = min(PUSH_BACKOFF_CAP_S, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
-                    error = f"{err.__class__.__name__}: {err}"
-                    self.metrics.inc("syncd_stream_errors_total", source=source.name, kind=stream.kind)
+                    error = describe(err)
+                    self.metrics.inc("syncd_stream_errors_total", source=source.name, stream=stream.name,
+                                     error=err.__class__.__name__)
                     if not state.failing:
                         log.warning("stream.failing", error=error, reconnect_in=round(delay, 2))
                     state.failing, state.error = True, error
@@ -253,26 +310,29 @@ class Syncer:
         local.set()
 
     async def _commit(self, state: StreamState, source: Source, stream: Stream, page: Page, run: _Run) -> None:
-        """Spool one page with its cursor (one transaction), wake the drainers, count it."""
+        """Guard, then spool one page with its cursor (one transaction), wake the drainers, count it."""
+        page = guard_page(page)
         payload = {"src": source.name, "vendor": source.vendor, "stream": stream.name,
                    "e": [e.row() for e in page.events], "d": [[d.reason, d.payload] for d in page.dead]}
         await self.spool.run(self.spool.commit_page, source.name, stream.name, payload, page.cursor)
         self.wake()
+        new_dead = len(payload["d"])  # the spool leaves out letters it already holds (a re-read page)
         run.cursor = page.cursor
-        run.pages, run.events, run.dead = run.pages + 1, run.events + len(page.events), run.dead + len(page.dead)
+        run.pages, run.events, run.dead = run.pages + 1, run.events + len(page.events), run.dead + new_dead
         state.events += len(page.events)
         state.pages += 1
         state.lag_s = page.lag_s
         self.metrics.inc("syncd_events_total", len(page.events), source=source.name, kind=stream.kind)
         self.metrics.inc("syncd_pages_total", source=source.name)
-        if page.dead:
-            self._dead_letters(state, page.dead)
+        if new_dead:
+            self._dead_letters(state, page.dead, new_dead)
 
     async def _finish(self, state: StreamState, source: Source, stream: Stream, error: str, cursor: Any,
                       events: int, pages: int, dead: int, duration: float) -> None:
         now = time.time()
         if error:
-            self.metrics.inc("syncd_stream_errors_total", source=source.name, kind=stream.kind)
+            self.metrics.inc("syncd_stream_errors_total", source=source.name, stream=stream.name,
+                             error=error.split(":", 1)[0])
             if not state.failing:
                 log.warning("stream.failing", error=error)
             state.failing, state.error = True, error
@@ -301,8 +361,8 @@ class Syncer:
         self.metrics.set("syncd_stream_lag_seconds", state.lag_s or 0.0, source=source.name, stream=stream.name)
         return cursor_text
 
-    def _dead_letters(self, state: StreamState, dead: list[Any]) -> None:
-        self.metrics.inc("syncd_dead_letters_total", len(dead), source=state.source, stream=state.stream)
+    def _dead_letters(self, state: StreamState, dead: list[Any], new: int) -> None:
+        self.metrics.inc("syncd_dead_letters_total", new, source=state.source, stream=state.stream)
         if not state.dead_logged:  # once per stream, with a sample; the rest are counted
             state.dead_logged = True
             log.warning("sync.dead_letters", count=len(dead), reason=dead[0].reason, sample=dead[0].payload[:300])
@@ -310,11 +370,17 @@ class Syncer:
     # -- schedules --------------------------------------------------------------------------------
 
     def schedule(self, rediscover_every: float = 600.0) -> AsyncIOScheduler:
-        """Start APScheduler with one job per stream (jittered, never overlapping) and a discovery job per source."""
+        """Start APScheduler with one job per stream (jittered, never overlapping) and a discovery job per source.
+
+        The discovery job ticks often but only calls the vendor when something is due: a periodic rediscovery,
+        a retry after a discovery error, or the re-check of a refused credential.
+        """
+        self.rediscover_every = rediscover_every
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         for name, st in self.sources.items():
-            self.scheduler.add_job(self._rediscover, "interval", args=[name], seconds=rediscover_every,
-                                   id=f"discover:{name}", max_instances=1, coalesce=True, jitter=30)
+            tick = max(0.5, min(15.0, st.source.config.auth_recheck))
+            self.scheduler.add_job(self._rediscover, "interval", args=[name], seconds=tick,
+                                   id=f"discover:{name}", max_instances=1, coalesce=True)
             for stream in st.streams.values():
                 self._add_stream_job(name, stream)
         self.scheduler.start()
@@ -339,8 +405,16 @@ class Syncer:
         )
 
     async def _rediscover(self, name: str) -> None:
-        for stream in await self.discover(name):
-            self._add_stream_job(name, stream)
+        st, now = self.sources[name], time.monotonic()
+        due = (now >= st.recheck_at if st.failed else
+               bool(st.discovery_error) or st.discovered_at is None or now - st.discovered_at >= self.rediscover_every)
+        if not due or self.stop.is_set():
+            return
+        try:
+            for stream in await self.discover(name):
+                self._add_stream_job(name, stream)
+        except Exception as err:  # noqa: BLE001 - a scheduling surprise must not end the discovery job
+            log.error("source.rediscover_failed", source=name, error=describe(err), exc_info=True)
 
     async def stop_and_wait(self, timeout: float) -> None:
         """Stop scheduling; let in-flight pages finish (bounded)."""

@@ -136,6 +136,8 @@ class SourceBase(_Section):
     tls_verify: bool = True
     enabled: bool = True
     page_size: int | None = Field(None, gt=0)
+    auth_recheck: Duration = 60.0  # a refused credential is tried again after this, doubling up to 30 min
+    max_retry_after: Duration = 900.0  # a vendor's Retry-After longer than this is cut to it (with a warning)
 
     @field_validator("start")
     @classmethod
