@@ -6,6 +6,9 @@ A source never writes, commits or sleeps for timing: the engine (scheduler, spoo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -15,11 +18,12 @@ from typing import Any, ClassVar, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from syncd.events import Event
+from syncd.events import TS_MAX_MS, TS_MIN_MS, TS_RANGE, Event, describe_ms
 from syncd.http import VendorClient, default_error
 from syncd.settings import SourceBase
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,29 +118,204 @@ class Source(ABC):
         )
 
 
-def valid(model: type[M], records: Iterable[Any], dead: list[DeadLetter],
-          context: Callable[[Any], Any] | None = None) -> Iterator[M]:
-    """The records that validate as `model`; every other one becomes a dead letter naming the bad field.
+class FieldError(ValueError):
+    """A record field that cannot become part of an event; the dead letter's reason names the field."""
 
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.field = name
+
+
+def mapped(records: Iterable[Any], dead: list[DeadLetter], fn: Callable[[Any], T],
+           context: Callable[[Any], Any] | None = None) -> Iterator[T]:
+    """`fn(record)` for every record; one whose mapping raises anything becomes a dead letter instead.
+
+    Any class, not only validation errors: one bad value (an OverflowError from an `Infinity` id, an
+    InvalidOperation from a huge number) must cost its record, never the stream. `fn` does the whole
+    mapping, so what the caller does with its result (cursor bookkeeping) cannot fail half-way.
     `context` wraps a failed record for the dead letter (e.g. with the agent it came from).
     """
     for raw in records:
         try:
-            yield model.model_validate(raw)
-        except ValidationError as err:
+            out = fn(raw)
+        except Exception as err:  # whatever its class, it is this record's fault
             dead.append(dead_letter(context(raw) if context else raw, err))
+            continue
+        yield out
+
+
+def valid(model: type[M], records: Iterable[Any], dead: list[DeadLetter],
+          context: Callable[[Any], Any] | None = None) -> Iterator[M]:
+    """The records that validate as `model`; every other one becomes a dead letter naming the bad field."""
+    return mapped(records, dead, model.model_validate, context)
 
 
 def dead_letter(record: Any, err: Exception) -> DeadLetter:
-    """A dead letter for a record that failed validation, naming the bad field."""
+    """A dead letter for a record that failed, naming the bad field where the error knows it."""
     if isinstance(err, ValidationError):
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<record>"
         reason = f"{where}: {first['msg']}"
+    elif isinstance(err, FieldError):
+        reason = str(err)
     else:
         reason = f"{err.__class__.__name__}: {err}"
+    return DeadLetter(spoolable_text(reason[:2000]), payload_json(record))
+
+
+def payload_json(record: Any) -> str:
+    """A record as JSON text the spool and every sink can hold; never raises.
+
+    orjson refuses lone surrogates and integers beyond 64 bits; the standard library with `ensure_ascii`
+    writes both (surrogates as `\\ud83d` escapes), and NaN as `NaN`.
+    """
     try:
-        payload = orjson.dumps(record, default=str).decode()
-    except TypeError:
-        payload = repr(record)
+        return orjson.dumps(record, default=str).decode()
+    except (TypeError, ValueError):
+        pass
+    try:
+        return json.dumps(record, ensure_ascii=True, default=str)
+    except (TypeError, ValueError, RecursionError):
+        return ascii(record)
+
+
+def spoolable_text(text: str) -> str:
+    """`text` itself when UTF-8 can encode it, else with each lone surrogate written as a `\\udXXX` escape.
+
+    For cursor keys and messages made from vendor strings: the spool encodes them as UTF-8 JSON.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def loads_lenient(data: bytes | str) -> Any:
+    """JSON as orjson reads it, else as the standard library does; ValueError when neither can.
+
+    The standard library also reads what JavaScript servers emit and orjson refuses: `NaN`, `Infinity`,
+    lone surrogate escapes (a cut emoji), integers beyond 64 bits. The guard then decides what to keep.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+# -- the guard before the spool -------------------------------------------------------------------------
+
+_RAW_FLOAT = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def guard_page(page: Page) -> Page:
+    """The page with only events a sink can hold; every refused event becomes a dead letter naming the field.
+
+    The one check between every connector and the spool (the scheduler runs it on each page it commits):
+    - `ts_ms` is an int (not a bool) within TS_MIN_MS..TS_MAX_MS: what DateTime64(3) stores and the MQTT
+      payload's ISO `ts` can print (ClickHouse takes a year 33658 and then fails reading it back);
+    - tenant, device, metric, text and the attrs keys and values are str that UTF-8 can encode: a lone
+      surrogate (a JSON `\\ud83d` escape, what JavaScript emits for a cut emoji) fails the spool's encoder;
+    - a NaN or ±Infinity `value` is stored as None with its raw text in `attrs["raw_value"]`, not refused:
+      the reading happened, NULL keeps the row (Float64 NaN would poison aggregates and cannot go into
+      JSON) and the raw text keeps the evidence.
+    Dead letters already on the page and the cursor are made spoolable too. The page is not modified.
+    """
+    events: list[Event] = []
+    dead = [_spoolable_dead(d) for d in page.dead]
+    attrs_ok: set[int] = set()  # attrs dicts are shared by a device's events: check each once per page
+    for event in page.events:
+        problem = _refusal(event, attrs_ok)
+        if problem is not None:
+            dead.append(DeadLetter(spoolable_text(problem), payload_json(_as_record(event))))
+            continue
+        value = event.value
+        if value is not None and not _finite(value):
+            raw = _RAW_FLOAT.get(value, "NaN") if isinstance(value, float) else str(value)
+            event = dataclasses.replace(event, value=None, attrs={**event.attrs, "raw_value": raw})
+        events.append(event)
+    return dataclasses.replace(page, events=events, dead=dead, cursor=_spoolable_cursor(page.cursor))
+
+
+def _refusal(event: Event, attrs_ok: set[int]) -> str | None:
+    """Why a sink cannot hold `event` (the field first), or None."""
+    ts = event.ts_ms
+    if type(ts) is not int:
+        return f"ts: must be integer epoch milliseconds (got {ts!r})"[:300]
+    if not TS_MIN_MS <= ts <= TS_MAX_MS:
+        return f"ts: {describe_ms(ts)} is outside {TS_RANGE}"
+    for name, text in (("tenant", event.tenant), ("device", event.device), ("metric", event.metric)):
+        why = _text_problem(text)
+        if why is not None:
+            return f"{name}: {why}"
+    if event.text is not None:
+        why = _text_problem(event.text)
+        if why is not None:
+            return f"text: {why}"
+    value = event.value
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        return f"value: must be a number or null (got {type(value).__name__})"
+    attrs = event.attrs
+    if id(attrs) not in attrs_ok:
+        if not isinstance(attrs, dict):
+            return f"attrs: must be a map of strings (got {type(attrs).__name__})"
+        for key, item in attrs.items():
+            why = _text_problem(key)
+            if why is not None:
+                return f"attrs: key {spoolable_text(key) if isinstance(key, str) else repr(key)!r} {why}"[:300]
+            why = _text_problem(item)
+            if why is not None:
+                return f"attrs.{spoolable_text(key)[:100]}: {why}"
+        attrs_ok.add(id(attrs))
+    return None
+
+
+def _text_problem(text: Any) -> str | None:
+    if type(text) is not str:
+        return f"must be a string (got {type(text).__name__})"
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate"
+    return None
+
+
+def _finite(value: float | int) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _as_record(event: Event) -> dict[str, Any]:
+    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+
+
+def _spoolable_dead(letter: DeadLetter) -> DeadLetter:
+    reason, payload = spoolable_text(str(letter.reason)), spoolable_text(str(letter.payload))
+    if reason is letter.reason and payload is letter.payload:
+        return letter
     return DeadLetter(reason, payload)
+
+
+def _spoolable_cursor(cursor: Any) -> Any:
+    """The cursor, with any string UTF-8 cannot encode escaped (a connector's own keys should already be)."""
+    try:
+        orjson.dumps(cursor)
+    except TypeError:
+        return _escape_strings(cursor)
+    return cursor
+
+
+def _escape_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return spoolable_text(value)
+    if isinstance(value, dict):
+        return {_escape_strings(k): _escape_strings(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escape_strings(v) for v in value]
+    return value

@@ -6,6 +6,7 @@ Brief: shared/vendors/ioto.md. Assumptions live in the constants below.
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
@@ -14,11 +15,11 @@ import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from syncd.errors import MalformedResponse, RateLimited, RequestRejected, VendorAuthError, VendorUnavailable
-from syncd.events import Event, parse_iso_ms
+from syncd.events import TS_MAX_MS, TS_RANGE, Event, parse_iso_ms
 from syncd.http import retry_after
 from syncd.settings import IotoSource as IotoConfig
 from syncd.settings import start_ms
-from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter, valid
+from syncd.sources.base import DeadLetter, FieldError, Page, Source, Stream, mapped, spoolable_text, valid
 
 PAGE_LIMIT = 1000  # always sent: the Builder docs default `limit` to 1 [D-gen]; no maximum documented [A]
 METRIC_NAMESPACE = "Embedthis/Device"  # the only namespace metric/fetch accepts [D-met]
@@ -33,14 +34,22 @@ CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 def to_ms(value: Any) -> int:
-    """An Ioto `date`: ISO 8601 [A], or an epoch number in seconds or milliseconds."""
+    """An Ioto `date`: ISO 8601 [A], or an epoch number in seconds or milliseconds (never before 1970).
+
+    Raises ValueError naming the value for anything else: a bool, NaN, Infinity, a negative or far-off number.
+    """
     if isinstance(value, bool):
         raise ValueError(f"not a date: {value!r}")
     if isinstance(value, int | float):
-        return int(value) if value > MS_THRESHOLD else round(value * 1000)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"not an epoch date: {value!r}"[:200])
+        ms = int(value) if value > MS_THRESHOLD else round(value * 1000)
+        if ms > TS_MAX_MS:
+            raise ValueError(f"epoch date {value!r} is outside {TS_RANGE}"[:200])
+        return ms
     if isinstance(value, str) and value:
         return parse_iso_ms(value)  # raises ValueError naming the text
-    raise ValueError(f"not a date: {value!r}")
+    raise ValueError(f"not a date: {value!r}"[:200])
 
 
 def ulid_ms(ulid: str) -> int | None:
@@ -111,7 +120,7 @@ class LogItem(_Item):
         if ts is not None:
             return ts
         if self.updated is None:
-            raise ValueError("id: not a ULID and no updated date")
+            raise FieldError("id", "not a ULID and no updated date")
         return self.updated
 
 
@@ -284,15 +293,15 @@ class IotoSource(Source):
         """Latest-state lists: emit an item only when its `updated` moved (the cursor keeps each one's)."""
         cursor = cursor or {"seen": {}, "next": None}
         items, nxt = await self._page("/generic/find", body, cursor["next"])
-        seen, events, dead = dict(cursor["seen"]), [], []
-        for raw in items:
-            try:
-                item = model.model_validate(raw)
-                event: Event | None = to_event(stream, item)
-            except ValidationError as err:
-                dead.append(dead_letter(raw, err))
-                continue
-            key = item.key if isinstance(item, StoreItem) else item.id
+        seen, events = dict(cursor["seen"]), []
+        dead: list[DeadLetter] = []
+
+        def read(raw: Any) -> tuple[StoreItem | DeviceRecord, Event | None]:
+            item = model.model_validate(raw)
+            return item, to_event(stream, item)
+
+        for item, event in mapped(items, dead, read):
+            key = spoolable_text(item.key if isinstance(item, StoreItem) else item.id)  # spooled as UTF-8 JSON
             if event is None or seen.get(key) == event.ts_ms:
                 continue
             seen[key] = event.ts_ms
@@ -324,30 +333,32 @@ class IotoSource(Source):
         sent, last, frm = cursor["next"], cursor["last"], cursor["from"]
         body = {"_type": "Log", "deviceId": stream.params["device"]}
         items, nxt = await self._page("/generic/find", body, sent)
-        events, dead = [], []
-        newest: int | None = None
+        unread = []
         for raw in items:
             raw_id = raw.get("id") if isinstance(raw, dict) else None
             if isinstance(raw_id, str) and ulid_ms(raw_id) is not None:  # a broken id cannot be placed: not skipped
                 if raw_id <= last:
                     continue  # read by an earlier run (the re-read last page)
-                last = raw_id
-            try:
-                item = LogItem.model_validate(raw)
-                ts = item.ts_ms()
-            except (ValidationError, ValueError) as err:
-                dead.append(dead_letter(raw, err))
+                last = raw_id  # a record dead-lettered below is passed like a good one
+            unread.append(raw)
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        newest: int | None = None
+        for event in mapped(unread, dead, self._log_event):
+            if event.ts_ms < frm:
                 continue
-            if ts < frm:
-                continue
-            newest = ts
-            attrs = {"id": item.id}
-            if item.context is not None:
-                attrs["context"] = orjson.dumps(item.context).decode()
-            events.append(self.event("log", item.accountId, item.deviceId, "log", ts, None, item.message, attrs))
+            newest = event.ts_ms
+            events.append(event)
         done = nxt is None
         lag = 0.0 if done else (max(0.0, self.clock() - newest / 1000) if newest is not None else None)
         return Page(events, {"next": sent if done else nxt, "last": last, "from": frm}, done=done, dead=dead, lag_s=lag)
+
+    def _log_event(self, raw: Any) -> Event:
+        item = LogItem.model_validate(raw)
+        attrs = {"id": item.id}
+        if item.context is not None:
+            attrs["context"] = orjson.dumps(item.context).decode()
+        return self.event("log", item.accountId, item.deviceId, "log", item.ts_ms(), None, item.message, attrs)
 
     async def _fetch_metric(self, stream: Stream, cursor: dict[str, Any]) -> Page:
         """Rolling aggregates: the newest point changes until its span closes, so re-emit a point whose value moved."""
@@ -363,12 +374,9 @@ class IotoSource(Source):
         seen: dict[str, dict[str, float | None]] = {}
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        for series in valid(MetricSeries, data, dead):
+        for series, attrs in mapped(data, dead, _series):
             name = f"{series.metric}.{METRIC_STATISTIC}.{series.period}"
             before, now = cursor.get(name, {}), seen.setdefault(name, {})
-            attrs = {"namespace": series.namespace, "dimensions": orjson.dumps(series.dimensions).decode()}
-            if series.samples is not None:
-                attrs["samples"] = str(series.samples)
             for point in valid(MetricPoint, series.points, dead, _point_of(series.metric)):
                 now[str(point.timestamp)] = point.value
                 if str(point.timestamp) in before and before[str(point.timestamp)] == point.value:
@@ -393,28 +401,32 @@ class IotoSource(Source):
         items, nxt = await self._page("/alert/find", {}, cursor["next"])
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        for alert in valid(AlertItem, items, dead):
-            ts = alert.timestamp
+        for alert, state, event in mapped(items, dead, self._alert):
+            ts, key = alert.timestamp, spoolable_text(alert.id)  # ids go into the cursor, spooled as UTF-8 JSON
             if ts < frm:
                 continue
             if ts > top:
-                top, top_edge = ts, {alert.id}
+                top, top_edge = ts, {key}
             elif ts == top:
-                top_edge.add(alert.id)
-            state = alert.fingerprint()
-            fresh = ts > wm or (ts == wm and alert.id not in edge)
-            if not fresh and opened.get(alert.id) == state:
+                top_edge.add(key)
+            fresh = ts > wm or (ts == wm and key not in edge)
+            if not fresh and opened.get(key) == state:
                 continue
             if state is None:
-                opened.pop(alert.id, None)
+                opened.pop(key, None)
             else:
-                opened[alert.id] = state
-            events.append(self._alert_event(alert))
+                opened[key] = state
+            events.append(event)
         if nxt is None:  # pass complete: the next run starts from the top with this pass's newest as the watermark
             wm, edge = top, top_edge
         cursor = {"next": nxt, "from": frm, "wm": wm, "edge": sorted(edge), "top": top, "top_edge": sorted(top_edge),
                   "open": opened}
         return Page(events, cursor, done=nxt is None, dead=dead, lag_s=0.0 if nxt is None else None)
+
+    def _alert(self, raw: Any) -> tuple[AlertItem, int | None, Event]:
+        """One alert as (alert, its state fingerprint, event); raises on anything unreadable."""
+        alert = AlertItem.model_validate(raw)
+        return alert, alert.fingerprint(), self._alert_event(alert)
 
     def _alert_event(self, a: AlertItem) -> Event:
         device = (a.context or {}).get("deviceId")
@@ -425,6 +437,15 @@ class IotoSource(Source):
                 attrs[key] = str(value)
         return self.event("alert", a.accountId, device if isinstance(device, str) else "", a.name or a.seq or "",
                           a.timestamp, None, a.message, attrs)
+
+
+def _series(raw: Any) -> tuple[MetricSeries, dict[str, str]]:
+    """A metric series and the attrs its points share; raises on anything unreadable."""
+    series = MetricSeries.model_validate(raw)
+    attrs = {"namespace": series.namespace, "dimensions": orjson.dumps(series.dimensions).decode()}
+    if series.samples is not None:
+        attrs["samples"] = str(series.samples)
+    return series, attrs
 
 
 def _valid(model: type[DeviceRecord], raw: list[Any]) -> list[DeviceRecord]:

@@ -6,29 +6,32 @@ Brief: shared/vendors/iotopen.md. Assumptions live in the constants below.
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, FiniteFloat, ValidationError
 
-from syncd.errors import VendorAuthError
+from syncd.errors import MalformedResponse, VendorAuthError
 from syncd.events import Event, seconds_to_ms
 from syncd.settings import IotOpenSource as IotOpenConfig
 from syncd.settings import start_ms
-from syncd.sources.base import DeadLetter, Page, Source, Stream, valid
+from syncd.sources.base import DeadLetter, Page, Source, Stream, mapped, spoolable_text
 
 # Values need ~5 s to show up after publishing [S]; read the log only up to now minus this.
 PROPAGATION_LAG_S = 10
 PAGE_SIZE = 10_000  # the v3 log default; no maximum documented [S]
 
 
+EpochMs = Annotated[int, BeforeValidator(seconds_to_ms)]  # Unix seconds on the wire, epoch ms once read
+
+
 class LynxValue(BaseModel):
-    """A Status / v3 log entry [S §2]."""
+    """A Status / v3 log entry [S §2]; `timestamp` is read into epoch ms (a bad one fails naming the field)."""
 
     model_config = ConfigDict(extra="ignore")
 
     installation_id: int
-    client_id: int | float | None = None
-    timestamp: float
+    client_id: int | FiniteFloat | None = None
+    timestamp: EpochMs
     topic: str
     value: float | None = None
     msg: str | None = None
@@ -40,7 +43,7 @@ class Installation(BaseModel):
     id: int
     name: str = ""
     client_id: int | None = None
-    organization_id: int | float | None = None
+    organization_id: int | FiniteFloat | None = None
 
 
 class FunctionX(BaseModel):
@@ -141,17 +144,18 @@ class IotOpenSource(Source):
 
     async def _fetch_status(self, stream: Stream, seen: dict[str, int]) -> Page:
         """Latest values; only values whose timestamp moved are emitted (the cursor remembers each topic's)."""
-        raw = await self._get(f"/api/v2/status/{stream.tenant}")
+        path = f"/api/v2/status/{stream.tenant}"
+        raw = await self._get(path)
+        if not isinstance(raw, list):
+            raise MalformedResponse(f"{path}: status answer is not a JSON array", body=str(raw)[:200])
         events, cursor = [], dict(seen)
         dead: list[DeadLetter] = []
-        for item in valid(LynxValue, raw if isinstance(raw, list) else [], dead):
-            ts_ms = seconds_to_ms(item.timestamp)
-            if cursor.get(item.topic) == ts_ms:
+        for item, event in mapped(raw, dead, lambda r: self._read("status", stream.tenant, r)):
+            key = spoolable_text(item.topic)  # the cursor is spooled as UTF-8 JSON
+            if cursor.get(key) == event.ts_ms:
                 continue
-            cursor[item.topic] = ts_ms
-            events.append(self._event("status", stream.tenant, item, ts_ms))
-        if not isinstance(raw, list):
-            dead.append(DeadLetter("status response is not a JSON array", str(raw)[:2000]))
+            cursor[key] = event.ts_ms
+            events.append(event)
         return Page(events, cursor, done=True, dead=dead, lag_s=0.0)
 
     async def _fetch_log(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
@@ -169,25 +173,23 @@ class IotOpenSource(Source):
             f"/api/v3beta/log/{stream.tenant}",
             {"from": frm, "to": to, "order": "asc", "limit": limit, "offset": offset},
         )
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list):
-            return Page([], cursor, done=True, dead=[DeadLetter("log page without a data array", str(body)[:2000])])
+        data, total = _log_envelope(body, stream.tenant)
         max_ms, edge = cursor["max_ms"], set(cursor["edge"])
         new_max, new_edge = max_ms, set(edge)
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        for item in valid(LynxValue, data, dead):
-            ts_ms = seconds_to_ms(item.timestamp)
-            key = f"{item.topic}@{ts_ms}"
+        # a dead-lettered record counts in `offset` like any other; only readable times move `max_ms`
+        for item, event in mapped(data, dead, lambda r: self._read("log", stream.tenant, r)):
+            ts_ms = event.ts_ms
+            key = f"{spoolable_text(item.topic)}@{ts_ms}"
             if max_ms is not None and (ts_ms < max_ms or (ts_ms == max_ms and key in edge)):
                 continue  # read by an earlier run (the re-read boundary second)
-            events.append(self._event("log", stream.tenant, item, ts_ms))
+            events.append(event)
             if new_max is None or ts_ms > new_max:
                 new_max, new_edge = ts_ms, {key}
             elif ts_ms == new_max:
                 new_edge.add(key)
         count = len(data)
-        total = int(body.get("total", 0) or 0)
         if count == 0 or offset + count >= total:
             next_from = new_max // 1000 if new_max is not None else frm
             nxt = {"from": next_from, "to": None, "offset": 0, "max_ms": new_max, "edge": sorted(new_edge)}
@@ -197,13 +199,15 @@ class IotOpenSource(Source):
         lag = max(0.0, now_s - new_max / 1000) if new_max is not None else now_s - frm
         return Page(events, nxt, done=False, dead=dead, lag_s=lag)
 
-    def _event(self, kind: str, tenant: str, item: LynxValue, ts_ms: int) -> Any:
+    def _read(self, kind: str, tenant: str, raw: Any) -> tuple[LynxValue, Event]:
+        """One raw entry as (entry, event); raises on anything unreadable (the caller dead-letters it)."""
+        item = LynxValue.model_validate(raw)
         key = (tenant, item.topic, item.client_id)
         found = self._labels.get(key)
         if found is None:
             found = self._labels[key] = self._label(tenant, item)
         device, attrs = found
-        return self.event(kind, tenant, device, item.topic, ts_ms, item.value, item.msg or None, attrs)
+        return item, self.event(kind, tenant, device, item.topic, item.timestamp, item.value, item.msg or None, attrs)
 
     def _label(self, tenant: str, item: LynxValue) -> tuple[str, dict[str, str]]:
         """Device and attrs of a topic (cached: the same for every value of the topic until rediscovery)."""
@@ -223,3 +227,13 @@ class IotOpenSource(Source):
         else:
             device = attrs.get("client_id", "")
         return device, attrs
+
+
+def _log_envelope(body: Any, tenant: str) -> tuple[list[Any], int]:
+    """`data` and `total` of a v3 log page; any other shape is malformed (retried, then the run fails)."""
+    data = body.get("data") if isinstance(body, dict) else None
+    total = body.get("total") if isinstance(body, dict) else None
+    if not isinstance(data, list) or isinstance(total, bool) or not isinstance(total, int):
+        raise MalformedResponse(f"/api/v3beta/log/{tenant}: a log page needs a data array and a numeric total",
+                                body=str(body)[:200])
+    return data, total

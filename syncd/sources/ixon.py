@@ -5,19 +5,19 @@ Brief: shared/vendors/ixon.md. Every path comes from the discovery resource; ass
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from syncd.errors import MalformedResponse, RequestRejected, VendorAuthError
 from syncd.events import Event, iso_field_ms, ms_to_iso
 from syncd.http import default_error
 from syncd.settings import IxonSource as IxonConfig
 from syncd.settings import start_ms
-from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter, valid
+from syncd.sources.base import DeadLetter, FieldError, Page, Source, Stream, mapped, spoolable_text, valid
 
 API_VERSION = "2"  # required header on every call [S]
 # Only used when discovery does not name a rel [A: brief §1, "fall back to the paths below"].
@@ -155,9 +155,12 @@ class IxonSource(Source):
             params["filters"] = filters
         if after:
             params["page-after"] = after  # opaque, may hold + and /: sent URL-encoded as a query parameter
-        body = await self._call("GET", self._href(rel, agent), params)
+        url = self._href(rel, agent)
+        body = await self._call("GET", url, params)
         more = body.get("moreAfter")
-        return _items(body.get("data")), more if isinstance(more, str) and more else None
+        if more is not None and not isinstance(more, str):  # a page that cannot say what follows is no last page
+            raise MalformedResponse(f"GET {url}: moreAfter is not a cursor", body=str(more)[:200], url=url)
+        return _items(body.get("data")), more or None
 
     async def _list_all(self, rel: str, agent: str, fields: str) -> list[Any]:
         items, after = await self._list_page(rel, agent, fields, None)
@@ -175,12 +178,9 @@ class IxonSource(Source):
 
     async def discover(self) -> list[Stream]:
         await self._discover_rels()  # re-read each time: hrefs are the vendor's to move
-        agents: list[str] = []
-        for raw in await self._list_all("AgentList", "", "publicId,name"):
-            try:  # only the id: a bad status field must not hide an agent's data
-                agents.append(PublicRef.model_validate(raw).publicId)
-            except ValidationError as err:
-                self.pending_dead.append(dead_letter(raw, err))
+        # only the id: a bad status field must not hide an agent's data
+        agents = [ref.publicId for ref in valid(PublicRef, await self._list_all("AgentList", "", "publicId,name"),
+                                                self.pending_dead)]
         tenant, kinds, streams = self.config.company_id, self.enabled_kinds, []
         for pid in agents:
             if "telemetry" in kinds:
@@ -192,14 +192,8 @@ class IxonSource(Source):
         return streams
 
     async def _load_tags(self, agent: str) -> None:
-        tags: dict[str, DataTag] = {}
-        for raw in await self._list_all("AgentDataTagList", agent, TAG_FIELDS):
-            try:
-                tag = DataTag.model_validate(raw)
-            except ValidationError as err:
-                self.pending_dead.append(dead_letter({"agent": agent, "tag": raw}, err))
-                continue
-            tags[str(tag.tagId)] = tag
+        raw = await self._list_all("AgentDataTagList", agent, TAG_FIELDS)
+        tags = {str(tag.tagId): tag for tag in valid(DataTag, raw, self.pending_dead, lambda r: {"agent": agent, "tag": r})}
         self.tags[agent] = tags
         self._attrs = {k: v for k, v in self._attrs.items() if k[0] != agent}
 
@@ -243,9 +237,9 @@ class IxonSource(Source):
                                         url=self._href("DataList"))
             for key, result in zip(batch, results, strict=True):
                 points = result.get("points") if isinstance(result, dict) else None
-                if not isinstance(points, list):
-                    dead.append(DeadLetter("points: missing from DataList result", str(result)[:2000]))
-                    continue
+                if not isinstance(points, list):  # the envelope, not a record: never taken as "no points"
+                    raise MalformedResponse(f"DataList result for tag {key} without a points array",
+                                            body=str(result)[:200], url=self._href("DataList"))
                 before = wm.get(key)
                 self._points(stream.tenant, agent, tags[key], points, before, wm, key, events, dead)
                 if len(points) >= DATALIST_LIMIT and wm.get(key) != before:
@@ -269,13 +263,8 @@ class IxonSource(Source):
     def _points(self, tenant: str, agent: str, tag: DataTag, points: list[Any], seen: int | None, wm: dict[str, int],
                 key: str, events: list[Event], dead: list[DeadLetter]) -> None:
         attrs = self._tag_attrs(agent, tag)
-        for raw in points:
-            try:
-                point = Point.model_validate(raw)
-                value, text = _value(point.values.get(REF, ...))
-            except (ValidationError, ValueError) as err:
-                dead.append(dead_letter({"agent": agent, "tagId": tag.tagId, "point": raw}, err))
-                continue
+        context = _point_of(agent, tag)
+        for point, value, text in mapped(points, dead, _point, context):
             if seen is not None and point.time <= seen:
                 continue  # the watermark point, read again
             events.append(self.event("telemetry", tenant, agent, tag.slug, point.time, value, text, attrs))
@@ -308,7 +297,7 @@ class IxonSource(Source):
         events: list[Event] = []
         dead: list[DeadLetter] = []
         for occ in valid(Occurrence, items, dead, lambda raw: {"agent": agent, "occurrence": raw}):
-            pid = occ.publicId
+            pid = spoolable_text(occ.publicId)  # ids go into the cursor, spooled as UTF-8 JSON
             newest = occ.occurredOn if newest is None else max(newest, occ.occurredOn)
             if pid in closed:
                 continue
@@ -341,16 +330,29 @@ class IxonSource(Source):
         for agent in valid(Agent, await self._list_all("AgentList", "", AGENT_FIELDS), dead):
             # online = an open VPN session [A: the brief names activeVpnSession/mqttChangedOn, not the rule]
             value = 1.0 if agent.activeVpnSession else 0.0
-            state = [value, agent.activeStatus, agent.mqttChangedOn]
-            if cursor.get(agent.publicId) == state:
+            status = spoolable_text(agent.activeStatus) if agent.activeStatus is not None else None
+            state, key = [value, status, agent.mqttChangedOn], spoolable_text(agent.publicId)  # spooled as UTF-8 JSON
+            if cursor.get(key) == state:
                 continue
-            cursor[agent.publicId] = state
+            cursor[key] = state
             attrs = {k: v for k, v in (("name", agent.name), ("serialNumber", agent.serialNumber),
                                        ("deviceId", agent.deviceId)) if v}
             ts = agent.mqttChangedOn if agent.mqttChangedOn is not None else self.now_ms()
             events.append(self.event("status", stream.tenant, agent.publicId, "online", ts, value, agent.activeStatus,
                                      attrs))
         return Page(events, cursor, done=True, dead=dead, lag_s=0.0)
+
+
+def _point(raw: Any) -> tuple[Point, float | None, str | None]:
+    """One DataList point as (point, value, text); raises on anything unreadable (the caller dead-letters it)."""
+    point = Point.model_validate(raw)
+    value, text = _value(point.values.get(REF, ...))
+    return point, value, text
+
+
+def _point_of(agent: str, tag: DataTag) -> Callable[[Any], dict[str, Any]]:
+    """How a bad point is kept as a dead letter: with its agent and tag."""
+    return lambda raw: {"agent": agent, "tagId": tag.tagId, "point": raw}
 
 
 def _value(raw: Any) -> tuple[float | None, str | None]:
@@ -360,5 +362,5 @@ def _value(raw: Any) -> tuple[float | None, str | None]:
     if isinstance(raw, str):
         return None, raw
     if raw is ...:
-        raise ValueError(f"values.{REF}: missing")
-    raise ValueError(f"values.{REF}: not a number, bool or string: {raw!r}"[:200])
+        raise FieldError(f"values.{REF}", "missing")
+    raise FieldError(f"values.{REF}", f"not a number, bool or string: {raw!r}"[:200])

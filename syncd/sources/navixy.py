@@ -24,7 +24,7 @@ from syncd.errors import (
 )
 from syncd.events import Event, iso_field_ms
 from syncd.settings import NavixySource as NavixyConfig
-from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter, valid
+from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter, loads_lenient, mapped, spoolable_text, valid
 from syncd.sources.mqtt_push import MqttSubscription, payload_bytes, topic_matches
 
 log = structlog.get_logger("syncd.navixy")
@@ -268,7 +268,7 @@ class NavixySource(Source):
         now_ms = self.now_ms()
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        for flow in valid(Flow, (await self._call("GET", "/iot/logic/flow/list")).get("list") or [], dead):
+        for flow in valid(Flow, _list(await self._call("GET", "/iot/logic/flow/list"), "/iot/logic/flow/list"), dead):
             mark = f"{flow.modified}/{int(flow.enabled)}"
             if flows_seen.get(str(flow.id)) == mark:
                 continue
@@ -279,7 +279,7 @@ class NavixySource(Source):
             events.append(self.event("status", stream.tenant, f"flow:{flow.id}", "enabled",
                                      flow.modified if flow.modified is not None else now_ms,
                                      1.0 if flow.enabled else 0.0, None, attrs))
-        for raw in (await self._call("POST", "/iot/logic/flow/endpoint/list", json={})).get("list") or []:
+        for raw in _list(await self._call("POST", "/iot/logic/flow/endpoint/list", json={}), "/iot/logic/flow/endpoint/list"):
             try:
                 ref = Endpoint.model_validate(raw)
                 # status is only in endpoint/read [D-oas]
@@ -288,9 +288,10 @@ class NavixySource(Source):
             except ValidationError as err:
                 dead.append(dead_letter(raw, err))
                 continue
-            if eps_seen.get(str(ep.id)) == ep.status:
+            status = spoolable_text(ep.status)  # the cursor is spooled as UTF-8 JSON
+            if eps_seen.get(str(ep.id)) == status:
                 continue
-            eps_seen[str(ep.id)] = ep.status
+            eps_seen[str(ep.id)] = status
             events.append(self.event("status", stream.tenant, f"endpoint:{ep.id}", "status", now_ms, None, ep.status,
                                      {"title": ep.title, "type": ep.type}))
         return Page(events, {"flows": flows_seen, "endpoints": eps_seen}, done=True, dead=dead, lag_s=0.0)
@@ -331,22 +332,18 @@ class NavixySource(Source):
     def _page(self, stream: Stream, records: list[dict[str, Any] | DeadLetter]) -> Page:
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        for ngp in records:
-            if isinstance(ngp, DeadLetter):
-                dead.append(ngp)
-                continue
-            try:
-                head = NgpHeader.model_validate(ngp)
-            except ValidationError as err:
-                dead.append(dead_letter(ngp, err))
-                continue
-            events += self._telemetry(stream.tenant, head, ngp)
+        dead += [r for r in records if isinstance(r, DeadLetter)]
+        messages = [r for r in records if not isinstance(r, DeadLetter)]
+        for head, found in mapped(messages, dead, lambda ngp: self._telemetry(stream.tenant, ngp)):
+            events += found
             self._newest_ms = max(self._newest_ms or head.message_time, head.message_time)
         lag = max(0.0, self.clock() - self._newest_ms / 1000) if self._newest_ms is not None else None
         cursor = {"session": self.subscription().client_id, "newest_ms": self._newest_ms}
         return Page(events, cursor, done=False, dead=dead, lag_s=lag)
 
-    def _telemetry(self, tenant: str, head: NgpHeader, ngp: dict[str, Any]) -> list[Event]:
+    def _telemetry(self, tenant: str, ngp: dict[str, Any]) -> tuple[NgpHeader, list[Event]]:
+        """One NGP message as (its header, its events); raises on anything unreadable (the caller dead-letters it)."""
+        head = NgpHeader.model_validate(ngp)
         device, known = self.devices.get(head.device_id, (head.device_id, {"device_id": head.device_id}))
         attrs = dict(known)
         if head.event_id is not None:
@@ -357,20 +354,30 @@ class NavixySource(Source):
         for key, value in ngp.items():
             if key not in NGP_HEADER:
                 flatten(key, value, values)
-        return [self.event("telemetry", tenant, device, metric, head.message_time, value, text, attrs)
-                for metric, value, text in values]
+        return head, [self.event("telemetry", tenant, device, metric, head.message_time, value, text, attrs)
+                      for metric, value, text in values]
 
 
 def _record(m: aiomqtt.Message) -> dict[str, Any] | DeadLetter:
     """An MQTT message as an NGP JSON object, or the dead letter saying why it is not one."""
     raw = payload_bytes(m.payload)
     try:
-        ngp = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
+        ngp = loads_lenient(raw)  # NaN, Infinity, lone surrogates: the guard decides about them
+    except ValueError as err:
         return DeadLetter(f"payload: not JSON ({err}) on topic {m.topic.value}", raw.decode("utf-8", "replace"))
     if not isinstance(ngp, dict):
         return DeadLetter(f"payload: not a JSON object on topic {m.topic.value}", raw.decode("utf-8", "replace"))
     return ngp
+
+
+def _list(body: dict[str, Any], path: str) -> list[Any]:
+    """The `list` of a list answer (absent = empty); any other shape is malformed, never taken as empty."""
+    items = body.get("list")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise MalformedResponse(f"{path}: list is not an array", body=str(items)[:200], url=path)
+    return items
 
 
 def _navixy_status(body: bytes) -> tuple[int | None, str]:

@@ -21,14 +21,14 @@ from typing import Any
 
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from syncd.errors import MalformedResponse, RequestRejected, VendorAuthError
 from syncd.events import Event
 from syncd.http import Response, default_error
 from syncd.settings import ProxusSource as ProxusConfig
 from syncd.settings import start_ms
-from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter
+from syncd.sources.base import DeadLetter, Page, Source, Stream, loads_lenient, mapped, spoolable_text
 
 log = structlog.get_logger("syncd.proxus")
 
@@ -225,6 +225,19 @@ def _keep(records: list[dict[str, Any]], start: int) -> tuple[int, tuple[int, in
     return start, None, 0
 
 
+def _count_lines(records: list[dict[str, Any]], counts: dict[str, int], count_from: int) -> None:
+    """Count every line, readable or not, in its time bucket from `count_from` on (what `count()` says later)."""
+    bucket, counted, pending = None, False, 0
+    for record in records:
+        ts, lines = _line_time(record), 1
+        if ts is not None:
+            bucket, counted, lines, pending = ts // BUCKET_MS, ts >= count_from, 1 + pending, 0
+        elif bucket is None:  # an unreadable Time counts in its neighbour's bucket (rows arrive sorted by Time)
+            pending, lines = pending + 1, 0
+        if lines and counted:
+            counts[str(bucket)] = counts.get(str(bucket), 0) + lines
+
+
 class ProxusSource(Source):
     vendor = "proxus"
     default_streams = ("telemetry", "alert")
@@ -294,7 +307,9 @@ class ProxusSource(Source):
                 got += len(doc["value"])
                 yield doc["value"]
                 link = doc.get("@odata.nextLink")
-                url, query = (self._rebase(link), None) if isinstance(link, str) and link else ("", None)
+                if link is not None and not isinstance(link, str):
+                    raise MalformedResponse(f"OData answer for {entity}: @odata.nextLink is not a URL", url=url)
+                url, query = (self._rebase(link), None) if link else ("", None)
             if got != ODATA_TOP:  # a short window is the last; more than $top means $top was ignored
                 return
             skip += got
@@ -329,22 +344,24 @@ class ProxusSource(Source):
         cursor = cursor or {"since": start_ms(self.config.start, now), "seen": {}}
         since, seen = int(cursor["since"]), dict(cursor["seen"])
         iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since // 1000)) + f".{since % 1000:03d}Z"
-        events, dead = [], []
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
         async for items in self._odata("Alert", {"$filter": f"{ALERT_TIME} ge {iso}"}):
-            for raw in items:
-                try:
-                    alert = ProxusAlert.model_validate(_canon(raw) if isinstance(raw, dict) else raw)
-                except ValidationError as err:
-                    dead.append(dead_letter(raw, err))
-                    continue
+            for alert, event in mapped(items, dead, lambda raw: self._alert(stream.tenant, raw)):
                 state = [alert.Status or "", alert.CreatedOn]
-                if seen.get(str(alert.Id)) == state:
+                key = spoolable_text(str(alert.Id))  # the cursor is spooled as UTF-8 JSON
+                if seen.get(key) == state:
                     continue
-                seen[str(alert.Id)] = state
-                events.append(self._alert_event(stream.tenant, alert, raw))
+                seen[key] = state
+                events.append(event)
         since = max(since, now - ALERT_WATCH_MS)
         cursor = {"since": since, "seen": {k: v for k, v in seen.items() if v[1] >= since}}
         return Page(events, cursor, done=True, dead=dead, lag_s=0.0)
+
+    def _alert(self, tenant: str, raw: Any) -> tuple[ProxusAlert, Event]:
+        """One OData Alert as (alert, event); raises on anything unreadable (the caller dead-letters it)."""
+        alert = ProxusAlert.model_validate(_canon(raw) if isinstance(raw, dict) else raw)
+        return alert, self._alert_event(tenant, alert, raw)
 
     def _alert_event(self, tenant: str, alert: ProxusAlert, raw: dict[str, Any]) -> Event:
         device = "" if alert.DeviceId is None else str(alert.DeviceId)
@@ -428,8 +445,8 @@ class ProxusSource(Source):
             if not line.strip():
                 continue
             try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
+                record = loads_lenient(line)  # NaN, Infinity, lone surrogates: the guard decides about them
+            except ValueError:
                 record = None
             out.append(record if isinstance(record, dict) else {"_line": line.decode("utf-8", "replace")})
         return out
@@ -437,31 +454,22 @@ class ProxusSource(Source):
     def _normalize(self, tenant: str, records: list[dict[str, Any]], counts: dict[str, int],
                    count_from: int) -> tuple[list[Event], list[DeadLetter]]:
         """Events of a page's rows; every line is counted per time bucket (what `count()` will say later)."""
-        events, dead = [], []
-        bucket, counted, pending = None, False, 0
+        _count_lines(records, counts, count_from)
+        events: list[Event] = []
+        dead = [DeadLetter("line is not a JSON object", r["_line"][:2000]) for r in records if "_line" in r]
         previous: tuple[int, int, str] | None = None
-        for record in records:
-            ts, lines = _line_time(record), 1
-            if ts is not None:
-                bucket, counted, lines, pending = ts // BUCKET_MS, ts >= count_from, 1 + pending, 0
-            elif bucket is None:  # an unreadable Time counts in its neighbour's bucket (rows arrive sorted by Time)
-                pending, lines = pending + 1, 0
-            if lines and counted:
-                counts[str(bucket)] = counts.get(str(bucket), 0) + lines
-            if "_line" in record:
-                dead.append(DeadLetter("line is not a JSON object", record["_line"][:2000]))
-                continue
-            try:
-                row = TelemetryRow.model_validate(record)
-            except ValidationError as err:
-                dead.append(dead_letter(record, err))
-                continue
-            ident = (row.Time, row.DeviceId, row.Key)
+        rows = (r for r in records if "_line" not in r)
+        for ident, event in mapped(rows, dead, lambda record: self._telemetry(tenant, record)):
             if ident == previous:  # an exact copy from a retried insert (rows arrive sorted, so copies are adjacent)
                 continue
             previous = ident
-            events.append(self._telemetry_event(tenant, row))
+            events.append(event)
         return events, dead
+
+    def _telemetry(self, tenant: str, record: dict[str, Any]) -> tuple[tuple[int, int, str], Event]:
+        """One line as (its identity, event); raises on anything unreadable (the caller dead-letters it)."""
+        row = TelemetryRow.model_validate(record)
+        return (row.Time, row.DeviceId, row.Key), self._telemetry_event(tenant, row)
 
     def _telemetry_event(self, tenant: str, row: TelemetryRow) -> Event:
         is_text = row.DataType in STRING_DATA_TYPES
