@@ -148,7 +148,7 @@ def _query(settings: Settings, sql: str) -> int:
         result = client.query(sql) if sql.lstrip().lower().startswith(("select", "with", "show", "describe", "desc ", "exists")) else None
         if result is None:
             out = client.command(sql)
-            if out not in (None, ""):
+            if isinstance(out, str | int | float) and out != "":  # DDL answers a summary object, nothing to print
                 print(out)
             return 0
         for row in result.result_rows:

@@ -1,0 +1,304 @@
+"""The job boundary decides: unexpected exceptions fail runs visibly, a refused key recovers by itself,
+Retry-After is capped, and the sinks isolate poison instead of pausing on it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from syncd.app import Daemon
+from syncd.errors import RowsRefused
+from syncd.http import TokenBucket, VendorClient
+from syncd.observability import Metrics
+from syncd.scheduler import Syncer
+from syncd.settings import IotOpenSource, Settings
+from syncd.sim.common import sims_in_thread
+from syncd.sim.iotopen import IotOpenSim
+from syncd.sinks.base import Drainer, Sink
+from syncd.sources.base import Page, Source, Stream
+from syncd.spool import Batch, Spool
+from tests.conftest import free_port
+from tests.helpers import ch, popen_syncd, stored_keys, syncd, truth_keys, write_config
+from tests.mqtt_helpers import metrics, wait_for
+
+# -- a connector of our own making, to throw what no real vendor should (but one day will) -----------------
+
+
+class Surprising(Source):
+    """Two streams: `good` pages through 3 pages, `bad` raises `exc` on fetch (until `exc` is cleared)."""
+
+    vendor = "iotopen"
+    default_streams = ("log",)
+    default_rate, default_burst = 100.0, 10
+
+    def __init__(self, name: str, *, exc: BaseException | None = None, discover_exc: BaseException | None = None) -> None:
+        cfg = IotOpenSource(name=name, vendor="iotopen", api_key="k" * 8)
+        super().__init__(cfg, client=None)  # type: ignore[arg-type]  # this source never talks HTTP
+        self.exc, self.discover_exc = exc, discover_exc
+
+    async def discover(self) -> list[Stream]:
+        if self.discover_exc is not None:
+            raise self.discover_exc
+        return [Stream("good", "log", "t"), Stream("bad", "log", "t")]
+
+    async def fetch(self, stream: Stream, cursor: Any) -> Page:
+        if stream.name == "bad" and self.exc is not None:
+            raise self.exc
+        n = (cursor or 0) + 1
+        ev = self.event("log", "t", "d", stream.name, 1_700_000_000_000 + n, value=float(n))
+        return Page([ev], n, done=n >= 3)
+
+
+def _syncer(tmp: Path) -> tuple[Syncer, Spool, Metrics]:
+    spool, metrics_ = Spool(tmp / "state.db"), Metrics()
+    spool.register_sinks(["clickhouse"])
+
+    async def room() -> None:
+        return None
+
+    return Syncer(spool, metrics_, instance="t", wake=lambda: None, room=room), spool, metrics_
+
+
+def _status_rows(spool: Spool) -> list[list[Any]]:
+    batch = spool.next_batch("clickhouse", 10**6)
+    assert batch is not None
+    return [s for p in batch.pages for s in p.get("s", ())]
+
+
+async def test_an_unexpected_exception_fails_the_run_visibly_and_the_next_run_recovers(tmp_path: Path) -> None:
+    syncer, spool, m = _syncer(tmp_path)
+    source = Surprising("odd", exc=KeyError("total"))
+    syncer.add_source(source)
+    await syncer.discover("odd")
+    with capture_logs() as logs:
+        good = await syncer.run_stream("odd", "good")
+        bad = await syncer.run_stream("odd", "bad")
+        again = await syncer.run_stream("odd", "bad")  # still failing: no second "failing" line
+    assert not good.failing and good.events == 3
+    assert bad is again and bad.failing and bad.error == "KeyError: 'total'"
+    assert spool.get_cursor("odd", "good") == 3 and spool.get_cursor("odd", "bad") is None  # cursor untouched
+    assert m.get("syncd_stream_errors_total", source="odd", stream="bad", error="KeyError") == 2
+    assert [e["event"] for e in logs].count("stream.failing") == 1
+    assert [e["event"] for e in logs].count("stream.unexpected_error") == 1  # the traceback, once
+    finished = [e for e in logs if e["event"] == "sync.finished" and e.get("ok") is False]
+    assert len(finished) == 2
+    status = _status_rows(spool)
+    bad_rows = [s for s in status if s[2] == "bad"]
+    assert [s[4] for s in bad_rows] == [0, 0] and all(s[10] == "KeyError: 'total'" for s in bad_rows)
+    assert [s[4] for s in status if s[2] == "good"] == [1]
+    source.exc = None
+    with capture_logs() as logs:
+        fixed = await syncer.run_stream("odd", "bad")
+    assert not fixed.failing and spool.get_cursor("odd", "bad") == 3
+    assert [e["event"] for e in logs].count("stream.recovered") == 1
+    spool.close()
+
+
+async def test_a_surprise_in_discovery_stays_in_its_source(tmp_path: Path) -> None:
+    syncer, spool, m = _syncer(tmp_path)
+    syncer.add_source(Surprising("broken", discover_exc=ValueError("1 validation error for Installation")))
+    syncer.add_source(Surprising("fine"))
+    found = await asyncio.gather(syncer.discover("broken"), syncer.discover("fine"))
+    assert found[0] == [] and [s.name for s in found[1]] == ["good", "bad"]
+    assert syncer.sources["broken"].discovery_error == "discovery: ValueError: 1 validation error for Installation"
+    assert m.get("syncd_discovery_errors_total", source="broken", error="ValueError") == 1
+    assert (await syncer.run_stream("fine", "good")).events == 3
+    spool.close()
+
+
+async def test_once_names_each_failed_stream_and_source(tmp_path: Path) -> None:
+    settings = Settings(syncd={"data_dir": str(tmp_path), "http": ""})
+    daemon = Daemon(settings, sinks=[])
+    await daemon.start()
+    try:
+        daemon.syncer.add_source(Surprising("odd", exc=ZeroDivisionError("division by zero")))
+        daemon.syncer.add_source(Surprising("broken", discover_exc=RuntimeError("disk full")))
+        failed = await daemon.run_once()
+    finally:
+        await daemon.stop(flush_timeout=5)
+    assert failed == {"broken": "discovery: RuntimeError: disk full",
+                      "odd bad": "ZeroDivisionError: division by zero"}
+
+
+# -- credentials and Retry-After ---------------------------------------------------------------------------
+
+
+def _readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_a_refused_key_is_rechecked_and_the_source_resumes_without_a_restart(tmp_path: Path) -> None:
+    sim = IotOpenSim(seed=31, installations=2, topics_per_installation=3, log_points=300)
+    port = free_port()
+    with sims_in_thread([sim]):
+        cfg = write_config(tmp_path, [sim])
+        cfg.write_text(cfg.read_text().replace('http = ""', f'http = "127.0.0.1:{port}"')
+                       .replace('interval = "5s"', 'interval = "2s"') + 'auth_recheck = "1s"\n')
+        sim.faults.expired = True  # the key is refused from the first request
+        daemon = popen_syncd("run", "--config", str(cfg))
+        try:
+            wait_for(lambda: _readyz(port)[0] == 503 and "auth_failed" in _readyz(port)[1], timeout=60)
+            assert metrics(port).get('syncd_source_auth_failed{source="iotopen-sim"}') == 1
+            status = syncd("status", "--config", str(cfg))
+            assert "source iotopen-sim: auth_failed" in status.stdout, status.stdout
+            sim.faults.expired = False  # the operator fixed the key
+            total = len(sim.ground_truth())
+            wait_for(lambda: metrics(port).get('syncd_events_total{kind="log",source="iotopen-sim"}', 0)
+                     + metrics(port).get('syncd_events_total{kind="status",source="iotopen-sim"}', 0) == total,
+                     timeout=90)
+            assert _readyz(port)[0] == 200
+            assert metrics(port).get('syncd_source_auth_failed{source="iotopen-sim"}') == 0
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            _, err = daemon.communicate(timeout=120)
+        assert daemon.returncode == 0, err[-2000:]
+    assert err.count('"source.failed"') == 1 and err.count('"source.auth_recovered"') == 1
+    assert stored_keys(tmp_path / "data", "iotopen").keys() == truth_keys(sim).keys()
+
+
+async def test_retry_after_of_a_day_is_capped_with_a_warning_naming_the_source() -> None:
+    sim = IotOpenSim(seed=32, installations=1, log_points=10)
+    now = [0.0]
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with sims_in_thread([sim]):
+        sim.faults.update({"storm_429": 1, "retry_after": 86400})
+        bucket = TokenBucket(10, 5, clock=lambda: now[0], sleep=fake_sleep)
+        async with aiohttp.ClientSession() as session:
+            client = VendorClient(session, bucket, timeout=10, sleep=fake_sleep, name="lynx-prod", max_retry_after=900)
+            with capture_logs() as logs:
+                resp = await client.request("GET", f"{sim.url}/api/v2/installationinfo",
+                                            headers={"X-API-Key": sim.api_key})
+    assert resp.status == 200
+    assert 900 <= now[0] < 901  # waited the cap, not a day
+    capped = [e for e in logs if e["event"] == "http.retry_after_capped"]
+    assert len(capped) == 1 and capped[0]["source"] == "lynx-prod" and capped[0]["retry_after"] == 86400
+
+
+# -- sinks isolate poison ----------------------------------------------------------------------------------
+
+
+class Picky(Sink):
+    """Refuses any batch holding a row whose metric starts with 'poison'; fails transiently on chosen writes."""
+
+    name = "picky"
+
+    def __init__(self, fail_on_writes: set[int] | None = None) -> None:
+        self.writes = 0
+        self.fail_on = fail_on_writes or set()
+        self.landed: dict[str, list[int]] = {}  # token -> event ids, for every successful write
+
+    async def write(self, batch: Batch) -> int | None:
+        self.writes += 1
+        if self.writes in self.fail_on:
+            raise ConnectionResetError("peer went away")
+        rows = [r for p in batch.pages for r in p.get("e", ())]
+        bad = [r for r in rows if r[6].startswith("poison")]
+        if bad:
+            raise RowsRefused(f"metric: {bad[0][6]} is not allowed")
+        ids = [r[0] for r in rows]
+        assert self.landed.setdefault(batch.token, ids) == ids  # a retried token always carries the same rows
+        return 0
+
+
+def _row(i: int, metric: str = "m") -> list[Any]:
+    return [i, "src", "iotopen", "log", "t", "d", metric, 1_700_000_000_000 + i, float(i), None, {}]
+
+
+@pytest.mark.parametrize("fail_on", [set(), {3, 7}])
+async def test_the_drainer_splits_a_refused_batch_dead_letters_the_poison_and_delivers_the_rest(
+        tmp_path: Path, fail_on: set[int]) -> None:
+    spool = Spool(tmp_path / "state.db")
+    spool.register_sinks(["picky"])
+    poison = {17, 600, 601}
+    for page in range(10):
+        rows = [_row(i, "poison" if i in poison else "m") for i in range(page * 100, page * 100 + 100)]
+        spool.commit_page("src", "log/1", {"src": "src", "vendor": "iotopen", "stream": "log/1", "e": rows,
+                                           "s": [["status-row"]] if page == 0 else []}, page)
+    sink = Picky(fail_on)
+    sink.batch_rows = 10**6
+    drainer = Drainer(sink, spool, Metrics(), max_backoff=0.01)
+    assert await drainer.flush(deadline=asyncio.get_running_loop().time() + 60, give_up_after=30)
+    delivered = {i for ids in sink.landed.values() for i in ids}
+    assert delivered == set(range(1000)) - poison  # every good row, each token once
+    assert sum(len(ids) for ids in sink.landed.values()) == 997
+    letters = spool.next_batch("picky", 10**6)
+    assert letters is None  # the dead-letter pages went to the sink too (they hold no events)
+    assert drainer.refused_rows == 3
+    assert spool.dead_counts() == {("src", "log/1"): 3}
+    spool.close()
+
+
+def _prespool(data: Path, rows: list[list[Any]]) -> None:
+    spool = Spool(data / "state.db")
+    spool.register_sinks(["clickhouse"])
+    for i in range(0, len(rows), 100):
+        spool.commit_page("old", "log/x", {"src": "old", "vendor": "iotopen", "stream": "log/x", "e": rows[i:i + 100]},
+                          None)
+    spool.close()
+
+
+def test_a_poison_clickhouse_batch_is_dead_lettered_and_the_rest_delivered(tmp_path: Path) -> None:
+    """Rows spooled by an older syncd (before the guard): ClickHouse refuses two, takes the other 1,000
+    spread over 150 months (more partitions than one insert may touch), and the pollers never wait."""
+    sim = IotOpenSim(seed=33, installations=1, topics_per_installation=2, log_points=400)
+    month = 31 * 86400 * 1000
+    good = [[10_000 + i, "old", "iotopen", "log", "pre", "d", "m", 1_000_000_000_000 + (i % 150) * month + i, float(i), None, {}]
+            for i in range(1000)]
+    poison = [[-1, "old", "iotopen", "log", "pre", "d", "neg-id", 1_600_000_000_000, 1.0, None, {}],
+              [20_000, "old", "iotopen", "log", "pre", "d", "text-value", 1_600_000_000_000, "abc", None, {}]]
+    rows = good[:500] + poison[:1] + good[500:] + poison[1:]
+    with sims_in_thread([sim]):
+        cfg = write_config(tmp_path, [sim])
+        _prespool(tmp_path / "data", rows)
+        r = syncd("run", "--config", str(cfg), "--once")
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "spool.full_pausing_pollers" not in r.stderr
+    (pre, months, letters, truth) = ch(
+        tmp_path / "data", "SELECT count(), uniqExact(event_id) FROM syncd.events FINAL WHERE tenant = 'pre'",
+        "SELECT uniqExact(toYYYYMM(ts)) FROM syncd.events WHERE tenant = 'pre'",
+        "SELECT sink, stream, reason, payload FROM syncd.dead_letter FINAL ORDER BY payload",
+        "SELECT count() FROM syncd.events FINAL WHERE tenant != 'pre'")
+    assert pre == [[1000, 1000]] and months == [[150]]
+    assert len(letters) == 2 and all(x[0] == "clickhouse" and x[1] == "log/x" for x in letters)
+    assert all(x[2].startswith("clickhouse refused the row: events:") for x in letters)
+    assert sorted('"metric":"neg-id"' in x[3] or '"metric":"text-value"' in x[3] for x in letters) == [True, True]
+    assert truth == [[len(sim.ground_truth())]]
+    assert r.stderr.count('"sink.row_refused"') == 2
+
+
+def test_a_schema_mismatch_stops_only_that_sink_naming_the_column_then_resumes_when_fixed(tmp_path: Path) -> None:
+    sim = IotOpenSim(seed=34, installations=1, topics_per_installation=2, log_points=300)
+    with sims_in_thread([sim]):
+        cfg = write_config(tmp_path, [sim])
+        assert syncd("schema", "--config", str(cfg), "--apply").returncode == 0
+        altered = syncd("query", "--config", str(cfg), "ALTER TABLE syncd.events RENAME COLUMN text TO message")
+        assert altered.returncode == 0, altered.stderr
+        r = syncd("run", "--config", str(cfg), "--once")
+        assert r.returncode == 1
+        assert r.stderr.count('"sink.stopped_schema_mismatch"') == 1
+        assert '"table": "events"' in r.stderr and '"column": "text"' in r.stderr
+        assert "syncd.events has no column text" in r.stderr
+        status = syncd("status", "--config", str(cfg))
+        waiting = len(sim.ground_truth())
+        assert f"sink clickhouse: {waiting} events waiting" in status.stdout, status.stdout
+        assert "sink clickhouse stopped: schema mismatch" in status.stdout
+        fixed = syncd("query", "--config", str(cfg), "ALTER TABLE syncd.events RENAME COLUMN message TO text")
+        assert fixed.returncode == 0, fixed.stderr
+        again = syncd("run", "--config", str(cfg), "--once")
+        assert again.returncode == 0, again.stderr[-3000:]
+    assert stored_keys(tmp_path / "data", "iotopen").keys() == truth_keys(sim).keys()
