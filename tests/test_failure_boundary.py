@@ -27,7 +27,7 @@ from syncd.sources.base import Page, Source, Stream
 from syncd.spool import Batch, Spool
 from tests.conftest import free_port
 from tests.helpers import ch, popen_syncd, stored_keys, syncd, truth_keys, write_config
-from tests.mqtt_helpers import metrics, wait_for
+from tests.mqtt_helpers import Subscriber, metrics, wait_for
 
 # -- a connector of our own making, to throw what no real vendor should (but one day will) -----------------
 
@@ -302,3 +302,44 @@ def test_a_schema_mismatch_stops_only_that_sink_naming_the_column_then_resumes_w
         again = syncd("run", "--config", str(cfg), "--once")
         assert again.returncode == 0, again.stderr[-3000:]
     assert stored_keys(tmp_path / "data", "iotopen").keys() == truth_keys(sim).keys()
+
+
+def test_poison_rows_never_wedge_the_mqtt_sink(tmp_path: Path, mosquitto: Any) -> None:
+    """Rows an older syncd spooled before the guard: control characters and a 1 MB name publish under
+    encoded, bounded topics; a year-33658 timestamp is refused by both sinks (a dead letter each), and
+    every other row goes out; a second run has nothing left to retry."""
+    sim = IotOpenSim(seed=35, installations=1, topics_per_installation=2, log_points=200)
+    now = 1_900_000_000_000
+    good = [[30_000 + i, "old", "iotopen", "log", "pre", "dev", f"m{i % 7}", now + i, float(i), None, {}]
+            for i in range(500)]
+    hostile = [[40_001, "old", "iotopen", "log", "pre", "dev\x01\x07\x1b[31mice", "m", now, 1.0, None, {}],
+               [40_002, "old", "iotopen", "log", "pre", "dev", "x" * 1_000_000, now, 2.0, None, {}]]
+    year_33658 = [40_003, "old", "iotopen", "log", "pre", "dev", "far", 1_000_000_000_000_000, 3.0, None, {}]
+    with sims_in_thread([sim]):
+        cfg = write_config(tmp_path, [sim], f'\n[mqtt]\nurl = "{mosquitto.url}"\nmax_age = "36500d"\n')
+        data = tmp_path / "data"
+        spool = Spool(data / "state.db")
+        spool.register_sinks(["clickhouse", "mqtt"])
+        rows = good[:250] + hostile + [year_33658] + good[250:]
+        spool.commit_page("old", "log/x", {"src": "old", "vendor": "iotopen", "stream": "log/x", "e": rows}, None)
+        spool.close()
+        sub = Subscriber(mosquitto.port, "syncd/iotopen/pre/#")
+        try:
+            r = syncd("run", "--config", str(cfg), "--once")
+            assert r.returncode == 0, r.stderr[-3000:]
+            sub.wait_quiet(quiet=1.0)
+            seen = sub.event_ids()
+            topics = {t for t, _ in sub.events()}
+        finally:
+            sub.close()
+        second = syncd("run", "--config", str(cfg), "--once")
+        assert second.returncode == 0, second.stderr[-3000:]
+    assert seen == {r[0] for r in good + hostile}  # every row but the unrepresentable one, exactly
+    assert max(len(t.encode()) for t in topics) < 1000 and all("\x01" not in t and "\x1b" not in t for t in topics)
+    (letters, stored) = ch(data, "SELECT sink, reason FROM syncd.dead_letter FINAL WHERE stream = 'log/x' ORDER BY sink",
+                           "SELECT count() FROM syncd.events FINAL WHERE tenant = 'pre'")
+    assert [x[0] for x in letters] == ["clickhouse", "mqtt"]
+    assert "ts" in letters[0][1] and "ts" in letters[1][1]
+    assert stored == [[502]]
+    status = syncd("status", "--config", str(cfg))
+    assert "sink mqtt: 0 events waiting" in status.stdout and "sink clickhouse: 0 events waiting" in status.stdout

@@ -21,7 +21,7 @@ import structlog
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError, ProgrammingError
 
 from syncd.errors import RowsRefused, SchemaMismatch
-from syncd.events import COLUMNS
+from syncd.events import COLUMNS, TS_MAX_MS, TS_MIN_MS
 from syncd.sinks.base import Sink
 from syncd.sinks.schema import migrations, migrations_table
 from syncd.spool import Batch
@@ -129,7 +129,7 @@ def _partition_groups(rows: list[Any]) -> list[list[Any]]:
 
 def _month(ts_ms: int) -> int:
     """toYYYYMM of an epoch-ms timestamp, as an ordinal (days/month arithmetic is enough for grouping)."""
-    return int(time.strftime("%Y%m", time.gmtime(ts_ms / 1000))) if -2208988800000 <= ts_ms < 253402300800000 else 0
+    return int(time.strftime("%Y%m", time.gmtime(ts_ms / 1000)))
 
 
 def _short(err: Exception) -> str:
@@ -194,6 +194,10 @@ class ClickHouseSink(Sink):
     def _write(self, batch: Batch) -> None:
         now_ms = int(time.time() * 1000)
         rows = [r for page in batch.pages for r in page.get("e", ())]
+        ts = COLUMNS.index("ts")
+        for r in rows:  # the engine stores an out-of-range DateTime64 without a word, then cannot read it back
+            if not (isinstance(r[ts], int) and TS_MIN_MS <= r[ts] <= TS_MAX_MS):
+                raise RowsRefused(f"events: ts {r[ts]!r} is outside DateTime64(3) (1900-01-01..2299-12-31)")
         for i, group in enumerate(_partition_groups(rows)):
             columns = [list(c) for c in zip(*group, strict=True)]
             columns.append([now_ms] * len(group))
