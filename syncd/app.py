@@ -12,7 +12,7 @@ import aiohttp
 import structlog
 
 from syncd.http import TokenBucket, VendorClient
-from syncd.observability import Metrics, serve_http
+from syncd.observability import Metrics, redactor, serve_http
 from syncd.scheduler import Syncer
 from syncd.settings import Settings
 from syncd.sinks import build_sinks
@@ -36,9 +36,9 @@ class Daemon:
         self.metrics = Metrics()
         self.spool = Spool(settings.syncd.data_dir / "state.db")
         self.sinks = sinks if sinks is not None else build_sinks(settings)
-        self.drainers = [Drainer(s, self.spool, self.metrics) for s in self.sinks]
+        self.drainers = [Drainer(s, self.spool, self.metrics, redact=redactor(settings.secrets())) for s in self.sinks]
         self.syncer = Syncer(self.spool, self.metrics, instance=settings.syncd.instance, wake=self._wake,
-                             room=self._room, shard=settings.syncd.shard_index)
+                             room=self._room, shard=settings.syncd.shard_index, redact=redactor(settings.secrets()))
         self.session: aiohttp.ClientSession | None = None
         self.drain_stop = asyncio.Event()
         self.drain_tasks: list[asyncio.Task[None]] = []
@@ -144,7 +144,8 @@ class Daemon:
             self.metrics.set("syncd_pollers_paused", 0)
 
     def ready(self) -> tuple[bool, str]:
-        problems = [f"source {n} auth_failed: {st.failed}" for n, st in self.syncer.sources.items() if st.failed]
+        problems = [f"source {n} auth_failed: {self.syncer.redact(st.failed)}"
+                    for n, st in self.syncer.sources.items() if st.failed]
         problems += [f"sink {d.sink.name} stopped: {d.stopped}" for d in self.drainers if d.stopped]
         if problems:
             return False, "; ".join(problems)

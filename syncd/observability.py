@@ -110,19 +110,30 @@ def configure_logging(fmt: str = "auto", secrets: list[str] | None = None, level
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
+def redactor(secrets: list[str]) -> Callable[[str], str]:
+    """A function that replaces every configured secret (4+ characters) in a text by '***'."""
+    kept = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def redact(text: str) -> str:
+        for secret in kept:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    return redact
+
+
 class _Redactor:
     """Last line of defence: a configured secret that reached a log field is replaced by '***'."""
 
     def __init__(self, secrets: list[str]) -> None:
-        self.secrets = [s for s in secrets if len(s) >= 4]
+        self.redact = redactor(secrets)
+        self.active = any(len(s) >= 4 for s in secrets)
 
     def __call__(self, _: Any, __: str, event: Any) -> Any:
-        if not self.secrets:
+        if not self.active:
             return event
         for key, value in event.items():
             if isinstance(value, str):
-                for secret in self.secrets:
-                    if secret in value:
-                        value = value.replace(secret, "***")
-                event[key] = value
+                event[key] = self.redact(value)
         return event

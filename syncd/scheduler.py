@@ -87,8 +87,9 @@ class Syncer:
     """Runs stream jobs: fetch a page, spool it with its cursor, repeat until caught up or stopping."""
 
     def __init__(self, spool: Spool, metrics: Metrics, *, instance: str, wake: Callable[[], None],
-                 room: Callable[[], Awaitable[None]], shard: tuple[int, int] = (0, 1)) -> None:
-        self.spool, self.metrics, self.instance = spool, metrics, instance
+                 room: Callable[[], Awaitable[None]], shard: tuple[int, int] = (0, 1),
+                 redact: Callable[[str], str] = str) -> None:
+        self.spool, self.metrics, self.instance, self.redact = spool, metrics, instance, redact
         self.wake, self.room, self.shard = wake, room, shard
         self.sources: dict[str, SourceState] = {}
         self.states: dict[tuple[str, str], StreamState] = {}
@@ -102,7 +103,9 @@ class Syncer:
     def health(self, entry: tuple[str, str, str, str]) -> None:
         """Record a change of a source's or sink's state in state.db, where `syncd status` reads it."""
         try:
-            task = asyncio.get_running_loop().create_task(self.spool.run(self.spool.set_health, *entry))
+            scope, name, state, detail = entry
+            task = asyncio.get_running_loop().create_task(
+                self.spool.run(self.spool.set_health, scope, name, state, self.redact(detail)))
         except RuntimeError:  # no loop (shutting down): the log line and the metric still tell
             return
         self._background.add(task)
@@ -313,7 +316,8 @@ class Syncer:
         """Guard, then spool one page with its cursor (one transaction), wake the drainers, count it."""
         page = guard_page(page)
         payload = {"src": source.name, "vendor": source.vendor, "stream": stream.name,
-                   "e": [e.row() for e in page.events], "d": [[d.reason, d.payload] for d in page.dead]}
+                   "e": [e.row() for e in page.events],
+                   "d": [[self.redact(d.reason), self.redact(d.payload)] for d in page.dead]}
         await self.spool.run(self.spool.commit_page, source.name, stream.name, payload, page.cursor)
         self.wake()
         new_dead = len(payload["d"])  # the spool leaves out letters it already holds (a re-read page)
@@ -350,7 +354,7 @@ class Syncer:
         now = time.time()
         cursor_text = orjson.dumps(cursor).decode()[:500] if cursor is not None else ""
         status = [source.name, source.vendor, stream.name, stream.kind, 0 if error else 1, cursor_text, events, pages,
-                  round(duration, 3), state.lag_s, error[:500],
+                  round(duration, 3), state.lag_s, self.redact(error)[:500],
                   int(state.last_success * 1000) if state.last_success else None, int(now * 1000)]
         payload = {"src": source.name, "vendor": source.vendor, "stream": stream.name, "s": [status]}
         try:

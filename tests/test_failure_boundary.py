@@ -343,3 +343,37 @@ def test_poison_rows_never_wedge_the_mqtt_sink(tmp_path: Path, mosquitto: Any) -
     assert stored == [[502]]
     status = syncd("status", "--config", str(cfg))
     assert "sink mqtt: 0 events waiting" in status.stdout and "sink clickhouse: 0 events waiting" in status.stdout
+
+
+def test_secrets_stay_out_of_every_output_and_risky_settings_warn(tmp_path: Path) -> None:
+    sim = IotOpenSim(seed=36, installations=1, topics_per_installation=2, log_points=50)
+    port, dead_port = free_port(), free_port()
+    mqtt_password = "mqtt-pass-7f3a9c"
+    with sims_in_thread([sim]):
+        cfg = write_config(tmp_path, [sim], f'\n[mqtt]\nurl = "mqtt://syncd:{mqtt_password}@127.0.0.1:{dead_port}"\n')
+        cfg.write_text(cfg.read_text().replace('http = ""', f'http = "127.0.0.1:{port}"')
+                       .replace('interval = "5s"', 'interval = "5s"\ntls_verify = false'))
+        cfg.chmod(0o644)
+        assert syncd("schema", "--config", str(cfg), "--apply").returncode == 0
+        check = syncd("check", "--config", str(cfg))
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "is readable by every user on this machine" in check.stdout
+        assert "sources[0] (iotopen-sim): tls_verify = false" in check.stdout
+        sim.faults.expired = True
+        daemon = popen_syncd("run", "--config", str(cfg))
+        try:
+            wait_for(lambda: _readyz(port)[0] == 503, timeout=60)
+            ready = _readyz(port)[1]
+            metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            status = syncd("status", "--config", str(cfg))
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            _, err = daemon.communicate(timeout=120)
+        once = syncd("run", "--config", str(cfg), "--once")
+        assert once.returncode == 1
+    assert '"config.warning"' in err and "tls_verify = false" in err
+    (errors, letters) = ch(tmp_path / "data", "SELECT error FROM syncd.sync_status", "SELECT reason, payload FROM syncd.dead_letter")
+    outputs = [check.stdout, check.stderr, err, ready, metrics_text, status.stdout, status.stderr, once.stdout, once.stderr,
+               repr(errors), repr(letters)]
+    for secret in (sim.api_key, mqtt_password):
+        assert not [o for o in outputs if secret in o], secret

@@ -18,6 +18,7 @@ import math
 import random
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -58,8 +59,9 @@ class Sink(ABC):
 class Drainer:
     """Moves batches from the spool to one sink: size/age batching, retry with capped backoff, ack after success."""
 
-    def __init__(self, sink: Sink, spool: Spool, metrics: Metrics, *, max_backoff: float = 30.0) -> None:
-        self.sink, self.spool, self.metrics = sink, spool, metrics
+    def __init__(self, sink: Sink, spool: Spool, metrics: Metrics, *, max_backoff: float = 30.0,
+                 redact: Callable[[str], str] = str) -> None:
+        self.sink, self.spool, self.metrics, self.redact = sink, spool, metrics, redact
         self.wake = asyncio.Event()
         self.max_backoff = max_backoff
         self.healthy = True
@@ -170,7 +172,7 @@ class Drainer:
         """The one refused row of `batch` becomes a dead letter (through the spool, so it survives a crash)."""
         page = next(p for p in batch.pages if p.get("e"))
         row = page["e"][0]
-        reason = f"{self.sink.name} refused the row: {err}"
+        reason = self.redact(f"{self.sink.name} refused the row: {err}")
         payload = {"src": page.get("src", ""), "vendor": page.get("vendor", ""), "stream": page.get("stream", ""),
                    "d": [[reason[:2000], safe_json(dict(zip(COLUMNS, row, strict=False))), self.sink.name]]}
         await self.spool.run(self.spool.commit_page, payload["src"], payload["stream"], payload, None)
@@ -214,7 +216,7 @@ class Drainer:
 
     async def _health(self, state: str, detail: str) -> None:
         try:
-            await self.spool.run(self.spool.set_health, "sink", self.sink.name, state, detail)
+            await self.spool.run(self.spool.set_health, "sink", self.sink.name, state, self.redact(detail))
         except Exception as err:  # noqa: BLE001 - the state file may be what failed; the log line still tells
             log.warning("sink.health_not_saved", sink=self.sink.name, error=str(err))
 
