@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -377,3 +378,26 @@ def test_secrets_stay_out_of_every_output_and_risky_settings_warn(tmp_path: Path
                repr(errors), repr(letters)]
     for secret in (sim.api_key, mqtt_password):
         assert not [o for o in outputs if secret in o], secret
+
+
+def test_a_reread_page_adds_no_dead_letter_twice_and_status_counts_them(tmp_path: Path) -> None:
+    from syncd.sim.proxus import ProxusSim
+
+    sim = ProxusSim(seed=37, rows=2000, alerts=5, malformed_rows=10)
+    with sims_in_thread([sim]):
+        cfg = write_config(tmp_path, [sim])
+        cfg.write_text(cfg.read_text().replace('interval = "5s"', 'interval = "5s"\nrate = 50\npage_size = 400'))
+        first = syncd("run", "--config", str(cfg), "--once")
+        assert first.returncode == 0, first.stderr[-3000:]
+        (before,) = ch(tmp_path / "data", "SELECT count() FROM syncd.dead_letter")
+        with sqlite3.connect(tmp_path / "data" / "state.db") as db:  # state lost: every page is read again
+            db.execute("DELETE FROM cursors")
+        again = syncd("run", "--config", str(cfg), "--once")
+        assert again.returncode == 0, again.stderr[-3000:]
+        status = syncd("status", "--config", str(cfg))
+    (after, distinct) = ch(tmp_path / "data", "SELECT count() FROM syncd.dead_letter",
+                           "SELECT count() FROM syncd.dead_letter FINAL")
+    n = before[0][0]
+    assert n >= 8 and after == [[n]] and distinct == [[n]]
+    assert f"dead letters proxus-sim\ttelemetry: {n}" in status.stdout, status.stdout
+    assert '"sync.dead_letters"' not in again.stderr  # nothing new to report
