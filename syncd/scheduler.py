@@ -264,8 +264,8 @@ class Syncer:
                 try:
                     await source.listen(stream, deliver, stop, idle)
                     return
-                except Transient as err:
-                    if idle is not None:
+                except Exception as err:  # noqa: BLE001 - a long-running subscription reconnects after any failure
+                    if idle is not None or isinstance(err, VendorAuthError):
                         raise
                     attempt = 1 if run.pages > pages else attempt + 1  # a connection that delivered resets the backoff
                     delay = min(PUSH_BACKOFF_CAP_S, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)

@@ -31,6 +31,7 @@ def write_config(tmp: Path, sims: list[VendorSim], extra: str = "") -> Path:
     data = tmp / "data"
     path = tmp / "syncd.toml"
     path.write_text(config_toml(sims, str(data)) + "\n" + extra)
+    path.chmod(0o600)  # it holds the simulators' credentials: only the owner reads it (syncd warns otherwise)
     return path
 
 

@@ -82,6 +82,7 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"{sim.vendor:8} {sim.url}", flush=True)
     if args.write_config:
         Path(args.write_config).write_text(config_toml(sims))
+        Path(args.write_config).chmod(0o600)  # it holds credentials (the simulators')
         print(f"config written to {args.write_config}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
