@@ -475,6 +475,7 @@ class Engine:
         self.path = path
         self.base = chdb.connect(path)  # keeps the engine up between requests
         self.lock = threading.Lock()
+        self.closed = False
         out = self.base.query("SELECT version(), timezone(), getSetting('enable_http_compression'), "
                               "getSetting('http_zlib_compression_level')", "TabSeparated").bytes().decode()
         self.version, self.timezone, http_compression, zlib_level = out.rstrip("\n").split("\t")
@@ -484,6 +485,9 @@ class Engine:
     def execute(self, req: Request, fault: str) -> Outcome:
         st = req.statement
         with self.lock:
+            if self.closed:
+                raise ClickHouseError(210, "NETWORK_ERROR", "Code: 210. DB::Exception: The server is shutting down. "
+                                      "(NETWORK_ERROR)")
             conn = self._chdb.connect(self.path)
             try:
                 return self._execute(conn, req, st, fault)
@@ -540,6 +544,7 @@ class Engine:
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             self.base.close()
 
 
@@ -587,9 +592,10 @@ class Handler(BaseHTTPRequestHandler):
     # --
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        kind = getattr(self, "_kind", "")
-        enc_in, enc_out = self.headers.get("Content-Encoding", "-"), getattr(self, "_enc_out", "-")
-        self.log_message('"%s" %s %s in=%s out=%s', self.requestline[:160], code, kind, enc_in, enc_out)
+        headers = getattr(self, "headers", None)
+        enc_in = headers.get("Content-Encoding", "-") if headers is not None else "-"
+        self.log_message('"%s" %s %s in=%s out=%s', self.requestline[:160], code, getattr(self, "_kind", ""), enc_in,
+                         getattr(self, "_enc_out", "-"))
 
     def _reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
         self._enc_out = headers.get("Content-Encoding", "-")
@@ -654,6 +660,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         if state.fault == "error500":
             self._answer_500(params, body)
+            return
+        if state.engine.closed:  # shutting down: drop the connection unanswered, as a dying server does
+            self.close_connection = True
             return
         if url.path in ("/ping", "/replicas_status") or (url.path == "/" and "query" not in params and not body):
             self._reply(200, b"Ok.\n", {"Content-Type": "text/html; charset=UTF-8"})

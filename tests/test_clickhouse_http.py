@@ -6,11 +6,14 @@ engine, so deduplication, schema errors and counts are the engine's own.
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError, ProgrammingError
 from syncd.sim.common import VendorSim, sims_in_thread
 from syncd.sim.iotopen import IotOpenSim
 from syncd.sinks.schema import migrations
-from tests.chhttp import ClickHouseHttp
+from tests.chhttp import ClickHouseError, ClickHouseHttp, parse_statement
 from tests.conftest import free_port
 from tests.helpers import ch, popen_syncd, syncd, truth_keys, write_config
 from tests.mqtt_helpers import metrics, wait_for
@@ -92,6 +95,27 @@ def _stop_daemon(proc: subprocess.Popen[str], log: Path) -> None:
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 
+def test_statements_split_from_their_data_by_clickhouse_rules() -> None:
+    native = b"\x0c\x03" + bytes(range(256))  # 12 columns: the first byte is a form feed, data all the same
+    st = parse_statement(b"INSERT INTO `syncd`.`events` (`event_id`, `ts`) SETTINGS a = 1 FORMAT Native\n" + native)
+    assert (st.sql, st.insert_format, st.data) == ("INSERT INTO `syncd`.`events` (`event_id`, `ts`) SETTINGS a = 1 ",
+                                                   "Native", native)
+    assert (st.database, st.table, st.columns) == ("syncd", "events", ["event_id", "ts"])
+    st = parse_statement(b"insert into t values (1, 'FORMAT x'), (2, ')')")
+    assert (st.sql, st.insert_format, st.data) == ("insert into t ", "Values", b" (1, 'FORMAT x'), (2, ')')")
+    st = parse_statement(b"INSERT INTO format (a) SELECT 1 AS format")
+    assert st.insert_format is None and st.table == "format" and st.sql == "INSERT INTO format (a) SELECT 1 AS format"
+    st = parse_statement(b"SELECT format('{}', 'a') AS f, 'FORMAT JSON' -- FORMAT CSV\n FORMAT Native")
+    assert (st.kind, st.output_format, st.produces_result) == ("SELECT", "Native", True)
+    assert parse_statement(b"SELECT 1 FORMAT TSV SETTINGS max_threads = 1;").output_format == "TSV"
+    assert not parse_statement(b"/* x */ CREATE TABLE t (a UInt8) ENGINE = Memory").produces_result
+    for sql, code in [(b"SELECT 1; SELECT 2", 62), (b"  ", 62), (b"INSERT INTO t FORMAT CSV;1", 62),
+                      (b"INSERT INTO t FROM INFILE 'x' FORMAT CSV", 78), (b"SELECT 1 INTO OUTFILE 'x'", 358)]:
+        with pytest.raises(ClickHouseError) as err:
+            parse_statement(sql)
+        assert err.value.code == code, sql
+
+
 # -- clickhouse-connect against the server --------------------------------------------------------------
 
 def test_client_roundtrip_dedup_and_errors(server: ClickHouseHttp) -> None:
@@ -127,6 +151,14 @@ def test_client_roundtrip_dedup_and_errors(server: ClickHouseHttp) -> None:
         assert err.value.code == 115
     finally:
         client.close()
+    # a GET runs read-only, as on a server; Basic credentials in the request
+    auth = {"Authorization": "Basic " + base64.b64encode(b"default:secret").decode()}
+    with urllib.request.urlopen(urllib.request.Request(f"{server.base}/?query=SELECT%201%2B1", headers=auth)) as r:
+        assert (r.read(), r.headers["X-ClickHouse-Format"]) == (b"2\n", "TabSeparated")
+    with pytest.raises(urllib.error.HTTPError) as http_err:
+        urllib.request.urlopen(urllib.request.Request(f"{server.base}/?query=CREATE%20DATABASE%20t2", headers=auth))
+    assert http_err.value.code == 500 and http_err.value.headers["X-ClickHouse-Exception-Code"] == "164"
+    assert b"(READONLY)" in http_err.value.read()
     with pytest.raises(DatabaseError) as err:
         clickhouse_connect.get_client(host="127.0.0.1", port=server.port, username="default", password="wrong")
     assert err.value.code == 516 and "AUTHENTICATION_FAILED" in str(err.value)
@@ -195,9 +227,6 @@ def test_schema_apply_and_query(tmp_path: Path, server: ClickHouseHttp) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     embedded = ch(tmp_path / "embedded" / "data", *shape)
     assert [[list(row) for row in rows] for rows in _q(server, *shape)] == embedded
-    tables = syncd("query", "--config", str(cfg), shape[1])
-    assert tables.returncode == 0, tables.stderr[-2000:]
-    assert tables.stdout.splitlines() == ["\t".join(row) for row in embedded[1]]
     (done,) = _q(server, "SELECT version FROM syncd.schema_migrations ORDER BY version")
     assert [r[0] for r in done] == versions
     count = syncd("query", "--config", str(cfg), "SELECT count() FROM syncd.events")
