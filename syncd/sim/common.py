@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -230,4 +231,47 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-__all__ = ["Clock", "Faults", "TruthRow", "RecordedRequest", "SlidingWindowLimit", "VendorSim", "start_sims", "sims_in_thread", "dumps"]
+# -- poison: records whose bad values go over the wire verbatim ---------------------------------------------
+
+@dataclass(frozen=True)
+class Poisoned:
+    """A generated record a simulator served with a bad value instead of its own (option `poison`).
+
+    `key` is the record's (kind, tenant, device, metric, ts_ms) in ground-truth terms; `field` is what the dead
+    letter's reason must name, or None when the record is still stored (a NaN reading: value NULL); `copies`
+    says how many times a complete sync reads it (a latest value is also in a status list).
+    """
+
+    variant: str
+    key: tuple[str, str, str, str, int]
+    field: str | None
+    raw: str  # the JSON text sent in place of the good value
+    copies: int = 1
+
+
+def raw_json(text: str) -> str:
+    """A placeholder that `splice_raw` replaces by `text` verbatim: a NaN literal, a lone surrogate escape."""
+    return f"\x00raw:{text}\x00"
+
+
+_RAW = re.compile(r'"\\u0000raw:((?:[^"\\]|\\.)*?)\\u0000"')
+
+
+def splice_raw(body: str) -> str:
+    """A JSON text with every `raw_json` placeholder (a string, `\\u0000`-escaped) replaced by its raw text."""
+    if "\\u0000raw:" not in body:
+        return body
+    return _RAW.sub(lambda m: json.loads(f'"{m.group(1)}"'), body)
+
+
+def poison_list(value: str | list[str] | tuple[str, ...], known: dict[str, Any], vendor: str) -> list[str]:
+    """The `poison` option (comma-separated or a list) checked against the variants a simulator knows."""
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{vendor} sim: unknown poison {unknown}; known: {sorted(known)}")
+    return list(dict.fromkeys(names))
+
+
+__all__ = ["Clock", "Faults", "TruthRow", "RecordedRequest", "SlidingWindowLimit", "VendorSim", "start_sims", "sims_in_thread", "dumps",
+           "Poisoned", "raw_json", "splice_raw", "poison_list"]

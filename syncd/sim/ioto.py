@@ -16,6 +16,9 @@ Paging: `next`/`prev` are opaque base64 strings (they contain `+`, `/`, `=`, so 
 present whenever a page is full, so the last page can be empty; a page also ends early at `page_bytes` (DynamoDB's
 1 MB cap). Live mode: the API shows the world at clock(); the truth is the world at clock() - LAG (snapshots for
 status and the open metric point, so compare keys only there).
+`poison="store_ts_9999,..."` (off by default, names in POISONS): per variant one Store, Log or alert item is served
+with that bad value written raw (a NaN literal, a `\ud83d` escape); `poisoned` lists them; ground_truth() leaves out
+the ones a sync must dead-letter and holds value None for a NaN reading.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from syncd.sim.common import Clock, SlidingWindowLimit, TruthRow, VendorSim
+from syncd.sim.common import Clock, Poisoned, SlidingWindowLimit, TruthRow, VendorSim, poison_list, raw_json, splice_raw
 
 NS = "Embedthis/Device"
 LAG = 60.0  # seconds between a record happening and the truth counting it (live mode)
@@ -62,6 +65,19 @@ ALERTS = [("HighTemperature", "warning", True, "Temperature {n} °C above limit"
           ("DeviceOffline", "error", True, 'Device "{dev}" went offline'),
           ("LowBattery", "info", True, "Battery at {n} %"),
           ("TokenExpiring", "warning", False, "CloudAPI token expires in {n} days")]
+
+
+# variant -> (item list, field replaced, raw JSON text ("{}" = the good value's text), field the dead letter names;
+# None: stored with value NULL)
+POISONS: dict[str, tuple[str, str, str, str | None]] = {
+    "store_ts_9999": ("Store", "updated", '"9999-12-31T23:59:59.000Z"', "updated"),
+    "store_value_nan": ("Store", "value", "NaN", None),
+    "store_id_infinity": ("Store", "deviceId", "Infinity", "deviceId"),
+    "log_id_9999": ("Log", "id", '"{}"', "id"),  # a ULID dated 9999: it must not move the cursor past later logs
+    "log_ts_true": ("Log", "updated", "true", "updated"),  # with an id that is no ULID, `updated` is the time
+    "log_surrogate": ("Log", "message", '"{}\\ud83d"', "text"),
+    "alert_ts_negative": ("Alert", "timestamp", "-5", "timestamp"),
+}
 
 
 def _mix(*parts: int) -> int:
@@ -136,7 +152,7 @@ class IotoSim(VendorSim):
     def __init__(self, seed: int = 1, *, clock: Clock = time.time, live: bool = False, accounts: int = 2,
                  devices: int = 6, logs: int = 600, store_keys: int = 5, metrics: int = 3, alerts: int = 24,
                  history: float = 2 * 86400.0, metric_ms: bool = False, page_bytes: int = 1_000_000,
-                 token: str | None = None, rate_limit: int | None = 20) -> None:
+                 token: str | None = None, rate_limit: int | None = 20, poison: str | list[str] = "") -> None:
         super().__init__(seed, clock=clock)
         if history < 7200 or devices < 1 or accounts < 1:
             raise ValueError("ioto sim needs history >= 7200 s and at least one device and account")
@@ -171,6 +187,48 @@ class IotoSim(VendorSim):
         self._routes: dict[str, Callable[[web.Request, dict[str, Any], int | None], web.Response]] = {
             "/device/find": self._device_find, "/generic/find": self._generic_find, "/alert/find": self._alert_find,
             "/metric/fetch": self._metric_fetch, "/metric/getMetricList": self._metric_list}
+        self._poison: dict[tuple[str, str, str], dict[str, str]] = {}  # item identity -> {field: raw JSON text}
+        self.poisoned: list[Poisoned] = []
+        self._plant(poison_list(poison, POISONS, "ioto"))
+
+    def _plant(self, variants: list[str]) -> None:
+        """Per variant one item, spread over devices, logs and alerts (a fixed history only, not live)."""
+        if variants and self.live:
+            raise ValueError("poison needs a fixed history (not live)")
+        w = self._truth_ms()
+        for k, variant in enumerate(variants):
+            kind, field, raw, named = POISONS[variant]
+            if kind == "Store":
+                d = k % self.n_devices  # key 0 ("temperature") is a number
+                key, _, _, t = self._store_parts(d, 0, w)
+                identity, fields = ("Store", self.device_ids[d], key), {field: raw}
+                key4 = ("status", self.account_ids[self._acct(d)], self.device_ids[d], key, t)
+            elif kind == "Log":
+                j = self._logs.size * (k + 1) // (len(variants) + 2)
+                d, ts, h, msg = self._log_parts(j)
+                fields = {field: raw.replace("{}", json.dumps(msg, ensure_ascii=False)[1:-1])}
+                if variant == "log_id_9999":
+                    fields[field] = json.dumps(_ulid(253_402_300_799_000, h))
+                if variant == "log_ts_true":  # an id that is no ULID: the time would come from `updated`
+                    fields["id"] = json.dumps("not-a-ulid-" + self._log(j)["id"][10:])
+                identity = ("Log", "", self._log(j)["id"])
+                key4 = ("log", self.account_ids[self._acct(d)], self.device_ids[d], "log", ts)
+            else:
+                alert, ts = self._alert((k * 5) % self._alerts.size, w)
+                identity, fields = ("Alert", "", alert["id"]), {field: raw}
+                key4 = ("alert", alert["accountId"], alert["context"].get("deviceId", ""), alert["name"], ts)
+            self._poison[identity] = fields
+            self.poisoned.append(Poisoned(variant, key4, named, ", ".join(fields.values())))
+
+    def _served(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The item as it goes over the wire: a planted bad value in place of its own (written raw by splice_raw)."""
+        if "key" in item:
+            fields = self._poison.get(("Store", item.get("deviceId", ""), item["key"]))
+        else:
+            fields = self._poison.get(("Alert" if "seq" in item else "Log", "", item.get("id", "")))
+        if not fields:
+            return item
+        return {**item, **{f: raw_json(raw) for f, raw in fields.items()}}
 
     # -- world ---------------------------------------------------------------
     def _world_ms(self) -> int:
@@ -355,7 +413,7 @@ class IotoSim(VendorSim):
             item = get(i)
             if any(item.get(k, None) != v for k, v in filters.items()):
                 continue
-            text = _dumps(item)
+            text = splice_raw(_dumps(self._served(item))) if self._poison else _dumps(item)
             picked.append(i)
             parts.append(text)
             size += len(text)
@@ -531,6 +589,10 @@ class IotoSim(VendorSim):
             if ts <= w:
                 add("alert", alert["accountId"], alert["context"].get("deviceId", ""), alert["name"], ts, None,
                     alert["message"])
+        for p in self.poisoned:  # dead-lettered by a sync, or stored with value NULL (a NaN reading)
+            row = rows.pop(p.key, None)
+            if row is not None and p.field is None:
+                rows[p.key] = TruthRow(row.vendor, row.kind, row.tenant, row.device, row.metric, row.ts_ms, None, row.text)
         return list(rows.values())
 
     def source_config(self) -> dict[str, Any]:

@@ -8,6 +8,11 @@ Choices the connector must mirror (brief §8 leaves them open):
 - status truth: one row per topic, its newest visible point (a live connector may also hold older "newest" rows).
 - v3 log `from` and `to` are both inclusive, compared in milliseconds; equal timestamps sort by topic position.
 - Timestamps/values are Go-style JSON numbers: whole numbers print without ".0" (1700000000, 255).
+- `poison="ts_9999,value_nan_literal,..."` (off by default, names in POISONS) serves, per variant, one mid-history
+  log point and the latest point of another topic (so its status entry too) with that bad value written raw
+  (a NaN literal, a `\ud83d` escape really go over the wire). `poisoned` lists them; ground_truth() leaves out the
+  ones a sync must dead-letter and holds value None for a NaN reading. `envelope="data_object"` (or
+  "total_string") makes every v3 log page's envelope malformed; set `sim.envelope = ""` to heal it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from syncd.sim.common import Clock, SlidingWindowLimit, TruthRow, VendorSim
+from syncd.sim.common import Clock, Poisoned, SlidingWindowLimit, TruthRow, VendorSim, poison_list, raw_json, splice_raw
 
 PROPAGATION_MS = 5_000  # "approximately 5 seconds for a value to propagate" [S]
 DAY = 86_400
@@ -47,6 +52,25 @@ TEMPLATES = [
     ("energy", "house/hemma/{n}/energy", "energy_meter", "kWh", 5, "Energi totalt", "modbus"),
     ("alarm", "alarm/{n}/fire", None, "", 1, "Brandlarm", None),  # no FunctionX: device falls back to client_id
 ]
+
+
+# variant -> (record field replaced, raw JSON text sent, field the dead letter names; None: stored with value NULL)
+POISONS: dict[str, tuple[str, str, str | None]] = {
+    "ts_9999": ("timestamp", "253402300799", "timestamp"),  # 9999-12-31T23:59:59Z
+    "ts_33658": ("timestamp", "1000000000000", "timestamp"),  # milliseconds sent as seconds: year 33658
+    "ts_huge": ("timestamp", "1e300", "timestamp"),
+    "ts_nan_string": ("timestamp", '"NaN"', "timestamp"),
+    "ts_nan_literal": ("timestamp", "NaN", "timestamp"),  # the page is no longer JSON orjson reads
+    "ts_true": ("timestamp", "true", "timestamp"),
+    "ts_negative": ("timestamp", "-1700000000", "timestamp"),
+    "id_infinity": ("client_id", "Infinity", "client_id"),
+    "value_nan_literal": ("value", "NaN", None),
+    "value_infinity": ("value", "-Infinity", None),
+    "value_nan_string": ("value", '"NaN"', None),
+    "surrogate_msg": ("msg", '"smoke \\ud83d"', "text"),  # a cut emoji: a lone high surrogate escape
+    "surrogate_topic": ("topic", "", "metric"),  # the topic itself, cut after its first character's emoji
+}
+ENVELOPES = ("", "data_object", "total_string")
 
 
 class ApiError(Exception):
@@ -105,7 +129,7 @@ def _ts_json(ts_ms: int) -> int | float:
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))  # raw UTF-8 like the Go server
+    body = splice_raw(json.dumps(data, ensure_ascii=False, separators=(",", ":")))  # raw UTF-8 like the Go server
     return web.Response(text=body, status=status, headers=headers, content_type="application/json")
 
 
@@ -162,6 +186,8 @@ class IotOpenSim(VendorSim):
         assigned_ratio: float = 0.67,
         max_url: int = 2048,
         rate_limit: float | None = None,
+        poison: str | list[str] = "",
+        envelope: str = "",
     ) -> None:
         super().__init__(seed, clock=clock)
         if installations < 1 or topics_per_installation < 1 or log_points < 0 or history <= 120:
@@ -199,6 +225,12 @@ class IotOpenSim(VendorSim):
                                    _mix(seed, t.group), _mix(seed, t.gk, 7))
         self.by_inst = [[t for t in self.topics if t.inst == i] for i in range(len(self.insts))]
         self.tpi = topics_per_installation
+        if envelope not in ENVELOPES:
+            raise ValueError(f"envelope must be one of {ENVELOPES}")
+        self.envelope = envelope
+        self._poison: dict[tuple[int, int], str] = {}  # (topic gk, point index) -> variant
+        self.poisoned: list[Poisoned] = []
+        self._plant(poison_list(poison, POISONS, "iotopen"))
 
     # -- inventory ----------------------------------------------------------------
     def _build_inventory(self, n: int, per_inst: int, ratio: float) -> None:
@@ -256,6 +288,41 @@ class IotOpenSim(VendorSim):
             self.devices.append(devs)
             self.functions.append(fns)
 
+    def _plant(self, variants: list[str]) -> None:
+        """Per variant: a mid-history point, and the latest point of a topic whose last second is not the log's last
+        (the connector re-reads that second on the next run)."""
+        if not variants:
+            return
+        if self.live or any(t.cap is None or t.cap < 2 * len(variants) + 4 for t in self.topics):
+            raise ValueError("poison needs a history (not live) of at least 2 points per variant on every topic")
+        n = len(self.topics)
+        last_second = max(self._ts(t, t.cap - 1) for t in self.topics if t.cap) // 1000
+        tails = [t for t in self.topics if t.cap and self._ts(t, t.cap - 1) // 1000 < last_second]
+        for k, variant in enumerate(variants):
+            mid = self.topics[(7 * k + 3) % n]
+            assert mid.cap is not None
+            self._poison[(mid.gk, mid.cap // 2 + k)] = variant
+            if k < len(tails):
+                tail = tails[k]
+                assert tail.cap is not None
+                self._poison[(tail.gk, tail.cap - 1)] = variant
+        for (gk, j), variant in sorted(self._poison.items()):
+            t = self.topics[gk]
+            field = POISONS[variant][2]
+            latest = j == (t.cap or 0) - 1
+            self.poisoned.append(Poisoned(variant, ("log", *self._keys(t), self._ts(t, j)), field,
+                                          self._raw(t, variant), 2 if latest else 1))
+
+    def _keys(self, t: Topic) -> tuple[str, str, str]:
+        inst = self.insts[t.inst]
+        return str(inst["id"]), str(t.function["id"]) if t.function else str(inst["client_id"]), t.topic
+
+    @staticmethod
+    def _raw(t: Topic, variant: str) -> str:
+        if variant == "surrogate_topic":
+            return json.dumps(t.topic[:1], ensure_ascii=False)[:-1] + '\\ud83d' + json.dumps(t.topic[1:])[1:]
+        return POISONS[variant][1]
+
     def _inst(self, request: web.Request) -> int:
         """Index of the installation in the path; 403 for an id this key may not see."""
         try:
@@ -309,6 +376,9 @@ class IotOpenSim(VendorSim):
                                "timestamp": _ts_json(ts_ms), "topic": t.topic, "value": value}
         if msg or with_empty_msg:  # log entries always carry msg, status only when set (both as in [S])
             rec["msg"] = msg
+        variant = self._poison.get((t.gk, j)) if self._poison else None
+        if variant is not None:
+            rec[POISONS[variant][0]] = raw_json(self._raw(t, variant))
         return rec
 
     def _page(self, topics: list[Topic], from_ms: int, to_ms: int, offset: int, limit: int, desc: bool
@@ -514,6 +584,10 @@ class IotOpenSim(VendorSim):
         total, page = self._page(topics, from_ms, to_ms, offset, limit, order == "desc")
         data = [self._record(t, j, ts, with_empty_msg=True) for t, j, ts in page]
         last = _ts_json(min(ts for _, _, ts in page)) if page else 0
+        if self.envelope == "data_object":  # what a buggy gateway might send: the rows keyed by position
+            return _json({"count": len(data), "last": last, "total": total, "data": dict(enumerate(data))})
+        if self.envelope == "total_string":
+            return _json({"count": len(data), "last": last, "total": str(total), "data": data})
         return _json({"count": len(data), "last": last, "total": total, "data": data})
 
     async def _h_log_v2(self, request: web.Request) -> web.Response:
@@ -576,16 +650,22 @@ class IotOpenSim(VendorSim):
     def ground_truth(self) -> list[TruthRow]:
         # (kind, tenant, device, metric, ts) is unique by construction: a topic's timestamps strictly increase
         # and every topic maps to one device, so no dedup pass is needed (the tests check it).
+        # A poisoned point a sync must dead-letter is left out (and so is its topic's status when it is the latest);
+        # a NaN reading is stored with value None.
         visible, rows = self._visible_ms(), []
         for t in self.topics:
-            inst = self.insts[t.inst]
-            tenant = str(inst["id"])
-            device = str(t.function["id"]) if t.function else str(inst["client_id"])
+            tenant, device, _ = self._keys(t)
             row = None
             for j in range(self._count_le(t, visible)):
                 ts = self._ts(t, j)
                 value, msg = self._value(t, j, ts)
+                variant = self._poison.get((t.gk, j)) if self._poison else None
                 row = TruthRow("iotopen", "log", tenant, device, t.topic, ts, float(value), msg or None)
+                if variant is not None and POISONS[variant][2] is not None:
+                    row = None
+                    continue
+                if variant is not None:
+                    row = TruthRow("iotopen", "log", tenant, device, t.topic, ts, None, msg or None)
                 rows.append(row)
             if row is not None:
                 rows.append(TruthRow("iotopen", "status", tenant, device, t.topic, row.ts_ms, row.value, row.text))

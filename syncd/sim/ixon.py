@@ -18,6 +18,9 @@ Choices the connector must mirror (the brief's §8 leaves them open):
   `+` and `/` (so unencoded query strings fail); page-size above the maximum is clamped, not refused.
 - 429 bodies are text/plain (undocumented shape, no Retry-After); 500 uses the error envelope, 503 is an
   HTML gateway page.
+- `poison="point_ts_9999,..."` (off by default, names in POISONS): per variant one DataList point (mid-history, of a
+  tag of a fitting type) is served with that bad value written raw (a NaN literal, a `\ud83d` escape); `poisoned`
+  lists them; ground_truth() leaves out the ones a sync must dead-letter and holds value None for a NaN reading.
 """
 
 from __future__ import annotations
@@ -39,7 +42,17 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
-from syncd.sim.common import Faults, SlidingWindowLimit, TruthRow, VendorSim, dumps
+from syncd.sim.common import (
+    Faults,
+    Poisoned,
+    SlidingWindowLimit,
+    TruthRow,
+    VendorSim,
+    dumps,
+    poison_list,
+    raw_json,
+    splice_raw,
+)
 
 LAG_MS = 60_000  # propagation lag: data is visible once it is this old
 MAX_QUEUE_S = 5.0  # longest a buffered request may wait before it is refused
@@ -69,6 +82,14 @@ TAG_BASES = [
     ("Energy total", "energy-total", "kWh", "float"),
     ("Error code", "error-code", "", "int"),
 ]
+# variant -> (point field replaced, raw JSON text ("{}" = the good value's text), tag types it fits, field the dead
+# letter names; None: stored with value NULL)
+POISONS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
+    "point_ts_9999": ("time", '"9999-12-31T23:59:59Z"', ("float", "int", "str", "bool"), "time"),
+    "point_value_nan": ("value", "NaN", ("float",), None),
+    "point_value_infinity": ("value", "Infinity", ("float", "int"), None),
+    "point_surrogate": ("value", '"{}\\ud83d"', ("str",), "text"),
+}
 STATES = ["RUNNING", "IDLE", "SETUP", 'FAULT E42: "overheat" / #2']
 SOURCES = [("PLC", "plc", "modbus"), ("Energy meter", "energy-meter", "opc-ua")]
 AGENT_NAMES = ["Press line 1", 'Linie 3/Presse "Süd" #2 +$', "Packaging robot", "Chiller östlich"]
@@ -144,7 +165,7 @@ class IxonSim(VendorSim):
                  tags_per_agent: int = 24, points_per_tag: int = 240, history: float = 86400.0, alarms: int = 6,
                  page_size: int = 20, max_page_size: int = 4000,
                  rate_limit: tuple[int, int] | None = (50, 3000), buffer: int = 250,
-                 rels: dict[str, str] | None = None) -> None:
+                 rels: dict[str, str] | None = None, poison: str | list[str] = "") -> None:
         super().__init__(seed, clock=clock)
         self.rels = {**self.RELS, **(rels or {})}  # rel -> path under /api/: serve a rel elsewhere to test discovery
         self.faults = IxonFaults()
@@ -171,6 +192,30 @@ class IxonSim(VendorSim):
         for a in range(agents):
             self._build_agent(a, tags_per_agent, max(1, points_per_tag))
         self.agent_index = {o["publicId"]: a for a, o in enumerate(self.agent_objs)}
+        self._poison: dict[tuple[str, int], tuple[str, str]] = {}  # (tag publicId, point ms) -> (field, raw JSON text)
+        self.poisoned: list[Poisoned] = []
+        self._plant(poison_list(poison, POISONS, "ixon"))
+
+    def _plant(self, variants: list[str]) -> None:
+        """Per variant one mid-history point of a tag of a fitting type (never a tag's newest: that one is re-read)."""
+        if variants and self.live:
+            raise ValueError("poison needs a fixed history (not live)")
+        tags = [t for ts in self.tags for t in ts]
+        for k, variant in enumerate(variants):
+            field, raw, types, named = POISONS[variant]
+            fits = [t for t in tags if t.type in types]
+            if not fits or fits[0].n < 4:
+                raise ValueError(f"poison {variant}: no tag of type {types} with history")
+            tag = fits[(3 * k) % len(fits)]
+            i = tag.n // 2 + k % (tag.n // 4)
+            while (tag.obj["publicId"], tag.t(i)) in self._poison:
+                i += 1
+            good = self._series(tag, range(i, i + 1))[0]
+            text = raw.replace("{}", json.dumps(str(good))[1:-1])
+            self._poison[(tag.obj["publicId"], tag.t(i))] = (field, text)
+            dev = self.agent_objs[tag.agent]["publicId"]
+            self.poisoned.append(Poisoned(variant, ("telemetry", self.company_id, dev, tag.obj["slug"], tag.t(i)), named,
+                                          text))
 
     # -- deterministic data -------------------------------------------------
     def _h(self, *parts: Any) -> int:
@@ -274,6 +319,7 @@ class IxonSim(VendorSim):
         out: list[TruthRow] = []
         rows: dict[tuple[str, str, str, str, int], TruthRow] = {}
         cid = self.company_id
+        poisoned = {p.key: p for p in self.poisoned}
         for a, tags in enumerate(self.tags):
             dev = self.agent_objs[a]["publicId"]
             for tag in tags:  # no dedup needed: slugs are unique per agent and a tag's times are distinct
@@ -291,6 +337,15 @@ class IxonSim(VendorSim):
                     if ts is not None:
                         key = ("alert", self.company_id, dev, alarm["name"], ts)
                         rows[key] = TruthRow("ixon", "alert", cid, dev, alarm["name"], ts, None, text)
+        if poisoned:  # dead-lettered by a sync, or stored with value NULL (a NaN reading)
+            kept = []
+            for r in out:
+                p = poisoned.get((r.kind, r.tenant, r.device, r.metric, r.ts_ms))
+                if p is None:
+                    kept.append(r)
+                elif p.field is None:
+                    kept.append(TruthRow(r.vendor, r.kind, r.tenant, r.device, r.metric, r.ts_ms, None, r.text))
+            out = kept
         return out + list(rows.values())
 
     def source_config(self) -> dict[str, Any]:
@@ -405,7 +460,7 @@ class IxonSim(VendorSim):
     # -- handlers ---------------------------------------------------------------------
     def _ok(self, rtype: str, data: Any, more_after: str | None = None, status: int = 200) -> web.Response:
         body = {"type": rtype, "data": data, "moreAfter": more_after, "status": "success"}
-        return web.Response(status=status, text=dumps(body), content_type="application/json")
+        return web.Response(status=status, text=splice_raw(dumps(body)), content_type="application/json")
 
     def _root(self, request: web.Request) -> str:
         return self.url or f"{request.scheme}://{request.host}"
@@ -545,6 +600,7 @@ class IxonSim(VendorSim):
         if not isinstance(specs, list) or not specs:
             raise fail("tags must be a non-empty list", "tags")
         points: dict[int, dict[str, Any]] = {}
+        bad_times: dict[int, str] = {}  # poisoned points whose time goes out broken
         refs: set[str] = set()
         desc = None
         for spec in specs:
@@ -567,8 +623,15 @@ class IxonSim(VendorSim):
                 refs.add(ref)
                 desc = (q.get("order", "asc") == "desc") if desc is None else desc
                 for ms, v in self._query(tag, start, end, q, fail):
+                    bad = self._poison.get((tag.obj["publicId"], ms)) if self._poison else None
+                    if bad is not None:
+                        field, raw = bad
+                        v = raw_json(raw) if field == "value" else v
+                        if field == "time":
+                            bad_times[ms] = raw_json(raw)
                     points.setdefault(ms, {})[ref] = v
-        rendered = [{"time": _iso(ms, tz, tzname), "values": points[ms]} for ms in sorted(points, reverse=bool(desc))]
+        rendered = [{"time": bad_times.get(ms) or _iso(ms, tz, tzname), "values": points[ms]}
+                    for ms in sorted(points, reverse=bool(desc))]
         return {"start": _iso(start, tz, tzname), "end": _iso(end, tz, tzname), "timeZone": tzname,
                 "source": {"publicId": src["publicId"]}, "points": rendered}
 

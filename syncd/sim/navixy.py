@@ -11,6 +11,9 @@ Choices the connector must mirror where the brief's §8 leaves room (ground_trut
 - Each message goes to every topic of the endpoint and QoS 1 redelivers some: one row per key.
 - kind=status (status_truth(), not a default stream here): `flow:<id>`/`enabled` value 1/0 at `modified`;
   `endpoint:<id>`/`status` text=status, value None, at poll time; status is only in endpoint/read.
+- `poison="ngp_ts_9999,..."` (off by default, names in POISONS): the messages published 6th, 17th, 28th, ... (one
+  per variant) carry that bad value written raw (a NaN literal, a `\ud83d` escape); `poisoned` lists them once
+  published; ground_truth() leaves out what a sync must dead-letter and holds value None for a NaN reading.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 from aiohttp import web
 
-from syncd.sim.common import SlidingWindowLimit, TruthRow, VendorSim
+from syncd.sim.common import Poisoned, SlidingWindowLimit, TruthRow, VendorSim, poison_list, raw_json, splice_raw
 
 API = "/v2"
 FLOW_MQTT, FLOW_DEFAULT, FLOW_STAGING = 4101, 4087, 4123
@@ -46,6 +49,17 @@ RAW_ATTRS = ["latitude", "longitude", "altitude", "speed", "heading", "satellite
 CODES = {400: (7, "Invalid parameters"), 401: (14, "Invalid session"), 403: (7, "Access denied"),
          404: (201, "Not found in the database"), 429: (15, "Too many requests (rate limit exceeded)"),
          500: (1, "Database error"), 503: (8, "Queue service error")}
+
+
+# variant -> (NGP attribute replaced, raw JSON text ("{}" = the good value's text), metric/field the dead letter
+# names: "*" = the whole message is dead-lettered, naming `field`; None: the reading is stored with value NULL)
+POISONS: dict[str, tuple[str, str, str | None]] = {
+    "ngp_ts_9999": ("message_time", '"9999-12-31T23:59:59Z"', "message_time"),
+    "ngp_id_infinity": ("device_id", "Infinity", "device_id"),
+    "ngp_value_nan": ("temperature_2", "NaN", None),
+    "ngp_surrogate": ("location.fix_type", '"{}\\ud83d"', "text"),
+}
+POISON_FIRST, POISON_EVERY = 5, 11  # emission index of the first poisoned message, and the distance between them
 
 
 class Fail(Exception):
@@ -102,6 +116,7 @@ class NavixySim(VendorSim):
         session_idle: float = 30 * 86400,
         publish_rate: float = 2.0,
         rate_limit: int | None = 50,
+        poison: str | list[str] = "",
     ) -> None:
         super().__init__(seed, clock=clock)
         self.anchor = clock()
@@ -125,6 +140,10 @@ class NavixySim(VendorSim):
         self._reconnecting = False
         self._task: asyncio.Task[None] | None = None
         self._burst = 0
+        self._variants = poison_list(poison, POISONS, "navixy")
+        self._emitted = 0  # messages published so far (their index picks the poisoned ones)
+        self._poison: dict[tuple[int, int], str] = {}  # (publisher, message second) -> variant
+        self.poisoned: list[Poisoned] = []
 
     # -- generated account ------------------------------------------------
     def flow_of(self, i: int) -> int:
@@ -277,7 +296,7 @@ class NavixySim(VendorSim):
             chunk = plan[lo:lo + 200]
             calls: list[Awaitable[None]] = []
             for p, ts in chunk:
-                body = _dumps(self.message(p, ts)).encode()
+                body = self._body(p, ts)
                 for client, ep in clients:
                     pr = ep["properties"]
                     calls += [client.publish(t, body, qos=pr["qos"]) for t in pr["topics"]]
@@ -287,6 +306,24 @@ class NavixySim(VendorSim):
             for p, ts in chunk:
                 self._published.setdefault(p, []).append(ts)
                 self._last[p] = ts
+
+    def _body(self, p: int, ts: int) -> bytes:
+        """The payload of one message; a message picked by the `poison` option carries its bad value raw."""
+        k, self._emitted = self._emitted - POISON_FIRST, self._emitted + 1
+        if k < 0 or k % POISON_EVERY or k // POISON_EVERY >= len(self._variants):
+            return _dumps(self.message(p, ts)).encode()
+        variant = self._variants[k // POISON_EVERY]
+        attr, raw, named = POISONS[variant]
+        msg = self.message(p, ts)
+        outer, _, inner = attr.partition(".")
+        holder = msg[outer] if inner else msg
+        good = holder[inner or outer]
+        holder[inner or outer] = raw_json(raw.replace("{}", json.dumps(str(good))[1:-1]))
+        self._poison[(p, ts)] = variant
+        device = self.orphan if p < 0 else str(self.source_id(p))
+        metric = attr if named in (None, "text") else "*"
+        self.poisoned.append(Poisoned(variant, ("telemetry", str(self.user_id), device, metric, ts * 1000), named, raw))
+        return splice_raw(_dumps(msg)).encode()
 
     async def publish(self, n: int) -> None:
         """Publish n NGP messages now to every topic of every enabled flow's MQTT endpoint."""
@@ -340,12 +377,19 @@ class NavixySim(VendorSim):
             device = self.orphan if p < 0 else str(self.source_id(p))
             for ts in set(stamps):
                 msg = self.message(p, ts)
+                variant = self._poison.get((p, ts)) if self._poison else None
+                attr, _, named = POISONS[variant] if variant else ("", "", None)
+                if variant and named not in (None, "text"):
+                    continue  # the whole message is dead-lettered
                 for key, v in msg.items():
                     if key in NOT_METRICS:
                         continue
                     for metric, value, text in _leaves(key, v):
+                        if metric == attr and named == "text":
+                            continue  # that reading is dead-lettered, the rest of the message stored
                         rows[(device, metric, ts * 1000)] = TruthRow(
-                            "navixy", "telemetry", tenant, device, metric, ts * 1000, value, text)
+                            "navixy", "telemetry", tenant, device, metric, ts * 1000, None if metric == attr else value,
+                            text)
         return list(rows.values())
 
     def status_truth(self, poll_ms: int) -> list[TruthRow]:

@@ -13,6 +13,9 @@ Choices the connector must mirror (brief §8 leaves them open):
   Int64 6, Float 7, Double 8, String 9, DateTime 10.  Device's OData name property is `Name` (seed $filter).
 - `malformed_rows=N` (fault injection, off by default): about N rows render with `"DeviceId":null` (a Nullable
   column after a schema change) or the zero DateTime `"0000-00-00 00:00:00.000"`; ground_truth() leaves them out.
+- `poison="ts_9999,value_nan_literal,..."` (off by default, names in POISONS): per variant one telemetry row (or
+  alert) renders with that bad value written raw (a NaN literal, a `\ud83d` escape); `poisoned` lists them;
+  ground_truth() leaves out the ones a sync must dead-letter and holds value None for a NaN reading.
 - Visibility: a row is readable 1 s after its Time; with `late` on, ~2.5 % of rows only 90-240 s after.
   ground_truth() = what is readable now with Time <= now - 10 s (all history when not live).
 """
@@ -35,7 +38,17 @@ from typing import Any
 
 from aiohttp import web
 
-from syncd.sim.common import Clock, SlidingWindowLimit, TruthRow, VendorSim, dumps
+from syncd.sim.common import (
+    Clock,
+    Poisoned,
+    SlidingWindowLimit,
+    TruthRow,
+    VendorSim,
+    dumps,
+    poison_list,
+    raw_json,
+    splice_raw,
+)
 
 COLUMNS = ("Time", "DeviceId", "DeviceName", "Key", "DataType", "NumericValue", "StringValue")
 IDX = {c: i for i, c in enumerate(COLUMNS)}
@@ -106,6 +119,20 @@ def _fmt_float(v: float) -> str:
 RENDER: dict[str, Callable[[Any], str]] = {  # JSONEachRow spelling of each column
     "Time": lambda v: f'"{_fmt_time(v)}"', "DeviceId": str, "DeviceName": _json_str, "Key": _json_str,
     "DataType": lambda v: f'"{DT_NAME[v]}"', "NumericValue": _fmt_float, "StringValue": _json_str}
+
+
+# variant -> (column or Alert property replaced, raw JSON text ("{}" = the good value's text), field the dead letter
+# names; None: stored with value NULL). Alert variants start with "alert_".
+POISONS: dict[str, tuple[str, str, str | None]] = {
+    "ts_9999": ("Time", '"9999-12-31 23:59:59.000"', "Time"),
+    "value_nan_literal": ("NumericValue", "NaN", None),
+    "value_infinity": ("NumericValue", "Infinity", None),
+    "id_infinity": ("DeviceId", "Infinity", "DeviceId"),
+    "surrogate_key": ("Key", '"{}\\ud83d"', "metric"),
+    "surrogate_text": ("StringValue", '"{}\\ud83d"', "text"),
+    "alert_ts_9999": ("CreatedOn", '"9999-12-31T23:59:59.000Z"', "CreatedOn"),
+    "alert_surrogate": ("Message", '"{}\\ud83d"', "text"),
+}
 
 
 class SqlError(Exception):
@@ -467,7 +494,8 @@ class ProxusSim(VendorSim):
                  keys_per_device: int = 4, rows: int = 5000, history: float = 3600, alerts: int = 20,
                  late: bool = False, token_style: str = "alternate", token_ttl: float = 3600,
                  odata_page_size: int = 100, username: str = "syncd", password: str = "proxus-sim",
-                 tenant: str = "proxus-sim", rate_limit: int | None = None, malformed_rows: int = 0) -> None:
+                 tenant: str = "proxus-sim", rate_limit: int | None = None, malformed_rows: int = 0,
+                 poison: str | list[str] = "") -> None:
         super().__init__(seed, clock=clock)
         if token_style not in ("quoted", "bare", "alternate"):
             raise ValueError("token_style must be quoted, bare or alternate")
@@ -496,6 +524,46 @@ class ProxusSim(VendorSim):
         self.n_alerts, self.alert_iv = alerts, max(1, (history_ms - 60_000) // max(alerts, 1))
         self._secret = hashlib.sha256(f"proxus-sim-{seed}".encode()).digest()
         self._jti = self._revoked_upto = self._logins = 0
+        self._poison_rows: dict[tuple[int, int, str], str] = {}  # (Time, DeviceId, Key) -> variant
+        self._poison_alerts: dict[int, str] = {}  # alert Id -> variant
+        self.poisoned: list[Poisoned] = []
+        self._plant(poison_list(poison, POISONS, "proxus"))
+
+    def _plant(self, variants: list[str]) -> None:
+        """Per variant one row of a fitting type spread over the history (never a duplicated or malformed one)."""
+        if variants and self.live:
+            raise ValueError("poison needs a fixed history (not live)")
+        now_ms, total = int(self.clock() * 1000), self.n_ticks * self.series
+        for k, variant in enumerate(variants):
+            column, _, field = POISONS[variant]
+            if variant.startswith("alert_"):
+                alerts = self._alerts(now_ms)
+                if k >= len(alerts):
+                    raise ValueError("poison: too few alerts")
+                a = alerts[(k * 7) % len(alerts)]
+                while a["Id"] in self._poison_alerts:
+                    a = alerts[a["Id"] % len(alerts)]
+                self._poison_alerts[a["Id"]] = variant
+                ts = (a["CreatedOn"] - EPOCH) // timedelta(milliseconds=1)
+                self.poisoned.append(Poisoned(variant, ("alert", self.tenant, str(a["DeviceId"]), "alert", ts), field,
+                                              self._raw(variant, a[column])))
+                continue
+            want = {"NumericValue": (DOUBLE,), "StringValue": (STRING,)}.get(column, (DOUBLE, INT32, BOOL, STRING))
+            p = total * (k + 1) // (len(variants) + 2)
+            while True:
+                row, dup = self._row(p % total, now_ms)
+                if (row is not None and not dup and row[4] in want and not self._malformed(row)
+                        and (row[0], row[1], row[3]) not in self._poison_rows and not math.isnan(row[5])):
+                    break
+                p += 1
+            self._poison_rows[(row[0], row[1], row[3])] = variant
+            self.poisoned.append(Poisoned(variant, ("telemetry", self.tenant, str(row[1]), row[3], row[0]), field,
+                                          self._raw(variant, row[IDX[column]])))
+
+    @staticmethod
+    def _raw(variant: str, good: Any) -> str:
+        """The raw JSON text of a variant; "{}" in it stands for the good value's text (JSON-escaped)."""
+        return POISONS[variant][1].replace("{}", json.dumps(str(good))[1:-1])
 
     # -- data ------------------------------------------------------------
     def _row(self, p: int, now_ms: int) -> tuple[Row | None, bool]:
@@ -574,14 +642,17 @@ class ProxusSim(VendorSim):
         now_ms = int(self.clock() * 1000)
         out: dict[tuple[str, str, str, int], TruthRow] = {}
         for r in self._scan(None, now_ms - LAG_MS, False, now_ms):
+            variant = self._poison_rows.get((r[0], r[1], r[3])) if self._poison_rows else None
+            if variant is not None and POISONS[variant][2] is not None:
+                continue
             if r[0] <= now_ms - LAG_MS and not self._malformed(r):
-                value = None if r[4] == STRING or math.isnan(r[5]) else r[5]
+                value = None if r[4] == STRING or math.isnan(r[5]) or variant else r[5]
                 text = r[6] if r[6] or r[4] == STRING else None
                 out.setdefault(("telemetry", str(r[1]), r[3], r[0]), TruthRow(
                     "proxus", "telemetry", self.tenant, str(r[1]), r[3], r[0], value, text))
         for a in self._alerts(now_ms):
             ts = (a["CreatedOn"] - EPOCH) // timedelta(milliseconds=1)
-            if ts <= now_ms - LAG_MS:
+            if ts <= now_ms - LAG_MS and a["Id"] not in self._poison_alerts:
                 out.setdefault(("alert", str(a["DeviceId"]), "alert", ts), TruthRow(
                     "proxus", "alert", self.tenant, str(a["DeviceId"]), "alert", ts, None, a["Message"]))
         return list(out.values())
@@ -716,12 +787,18 @@ class ProxusSim(VendorSim):
         if q.get("$count") == "true":
             out["@odata.count"] = len(items)
         out["value"] = [{k: _odata_value(e[k]) for k in (select or e)} for e in page]
+        if name == "Alert" and self._poison_alerts:
+            for item in out["value"]:
+                variant = self._poison_alerts.get(item.get("Id", -1))
+                column = POISONS[variant][0] if variant else ""
+                if variant and column in item:
+                    item[column] = raw_json(self._raw(variant, item[column]))
         if len(window) > len(page):
             nxt = dict(q) | {"$skip": str(skip + len(page))}
             if top is not None:
                 nxt["$top"] = str(top - len(page))
             out["@odata.nextLink"] = str(request.url.with_query(nxt))
-        return web.json_response(out, dumps=dumps)
+        return web.json_response(out, dumps=lambda obj: splice_raw(dumps(obj)))
 
     async def _h_execute(self, request: web.Request) -> web.StreamResponse:
         denied = self._unauthorized(request)
@@ -782,7 +859,13 @@ class ProxusSim(VendorSim):
             if n >= cap:
                 return
             bad = self._malformed(r)
-            yield _json_line(r, q.cols) if not bad else _json_line(r, q.cols).replace(*bad, 1)
+            line = _json_line(r, q.cols) if not bad else _json_line(r, q.cols).replace(*bad, 1)
+            variant = self._poison_rows.get((r[0], r[1], r[3])) if self._poison_rows else None
+            if variant is not None and POISONS[variant][0] in q.cols:
+                column = POISONS[variant][0]
+                good = f'"{column}":{RENDER[column](r[IDX[column]])}'
+                line = line.replace(good, f'"{column}":{self._raw(variant, r[IDX[column]])}', 1)
+            yield line
 
     def _malformed(self, r: Row) -> tuple[str, str] | None:
         """The (rendered, broken) spelling of a row hit by the `malformed_rows` fault, else None."""

@@ -133,7 +133,8 @@ def mapped(records: Iterable[Any], dead: list[DeadLetter], fn: Callable[[Any], T
     Any class, not only validation errors: one bad value (an OverflowError from an `Infinity` id, an
     InvalidOperation from a huge number) must cost its record, never the stream. `fn` does the whole
     mapping, so what the caller does with its result (cursor bookkeeping) cannot fail half-way.
-    `context` wraps a failed record for the dead letter (e.g. with the agent it came from).
+    `context` wraps a failed record for the dead letter (e.g. with the agent it came from). A record the vendor
+    serves again is dead-lettered again; the spool keeps one of each (same stream, reason and payload).
     """
     for raw in records:
         try:

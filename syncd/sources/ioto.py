@@ -15,7 +15,7 @@ import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from syncd.errors import MalformedResponse, RateLimited, RequestRejected, VendorAuthError, VendorUnavailable
-from syncd.events import TS_MAX_MS, TS_RANGE, Event, parse_iso_ms
+from syncd.events import TS_MAX_MS, TS_RANGE, Event, describe_ms, parse_iso_ms
 from syncd.http import retry_after
 from syncd.settings import IotoSource as IotoConfig
 from syncd.settings import start_ms
@@ -31,6 +31,9 @@ DEVICE_DIMENSION = "Device"  # [A] the dimension that names a device's own serie
 # ULID ids sort by time, as the simulator serves them), so "id > newest id seen" means "not read before".
 # Alerts do not rely on order (see _fetch_alerts) but on `timestamp` staying put when `resolved` flips [A].
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# [A] a Log id dated more than this ahead of our clock is bogus: it must not move the cursor, or every later
+# record would look read already (ids are compared as strings)
+ULID_FUTURE_MS = 86_400_000
 
 
 def to_ms(value: Any) -> int:
@@ -118,6 +121,8 @@ class LogItem(_Item):
     def ts_ms(self) -> int:
         ts = ulid_ms(self.id)
         if ts is not None:
+            if ts > TS_MAX_MS:
+                raise FieldError("id", f"ULID time {describe_ms(ts)} is outside {TS_RANGE}")
             return ts
         if self.updated is None:
             raise FieldError("id", "not a ULID and no updated date")
@@ -333,10 +338,11 @@ class IotoSource(Source):
         sent, last, frm = cursor["next"], cursor["last"], cursor["from"]
         body = {"_type": "Log", "deviceId": stream.params["device"]}
         items, nxt = await self._page("/generic/find", body, sent)
-        unread = []
+        unread, future = [], self.now_ms() + ULID_FUTURE_MS
         for raw in items:
             raw_id = raw.get("id") if isinstance(raw, dict) else None
-            if isinstance(raw_id, str) and ulid_ms(raw_id) is not None:  # a broken id cannot be placed: not skipped
+            at = ulid_ms(raw_id) if isinstance(raw_id, str) else None
+            if isinstance(raw_id, str) and at is not None and at <= future:  # a broken id cannot be placed: not skipped
                 if raw_id <= last:
                     continue  # read by an earlier run (the re-read last page)
                 last = raw_id  # a record dead-lettered below is passed like a good one

@@ -6,9 +6,10 @@ Brief: shared/vendors/iotopen.md. Assumptions live in the constants below.
 from __future__ import annotations
 
 import base64
+import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, FiniteFloat, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from syncd.errors import MalformedResponse, VendorAuthError
 from syncd.events import Event, seconds_to_ms
@@ -21,7 +22,14 @@ PROPAGATION_LAG_S = 10
 PAGE_SIZE = 10_000  # the v3 log default; no maximum documented [S]
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number (got {value!r})")
+    return value
+
+
 EpochMs = Annotated[int, BeforeValidator(seconds_to_ms)]  # Unix seconds on the wire, epoch ms once read
+Id = Annotated[int | float | None, BeforeValidator(_finite)]  # ids are numbers; an Infinity is a bad record
 
 
 class LynxValue(BaseModel):
@@ -30,7 +38,7 @@ class LynxValue(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     installation_id: int
-    client_id: int | FiniteFloat | None = None
+    client_id: Id = None
     timestamp: EpochMs
     topic: str
     value: float | None = None
@@ -43,7 +51,7 @@ class Installation(BaseModel):
     id: int
     name: str = ""
     client_id: int | None = None
-    organization_id: int | FiniteFloat | None = None
+    organization_id: Id = None
 
 
 class FunctionX(BaseModel):
