@@ -96,8 +96,9 @@ def test_dead_letters_and_cursor_already_on_the_page_are_made_spoolable() -> Non
 
 
 def test_payload_json_never_raises_and_keeps_the_evidence() -> None:
-    assert payload_json({"a": 1}) == '{"a":1}'
-    assert payload_json({"t": "x" + SURROGATE}) == '{"t": "x\\ud83d"}'  # stdlib, escaped
+    assert payload_json({"a": 1, "t": "Öl"}) == '{"a":1,"t":"Öl"}'
+    assert payload_json({"t": "Öl " + SURROGATE}) == '{"t":"\\u00d6l \\ud83d"}'  # escaped: the spool writes UTF-8
+    assert payload_json({"v": math.nan, "w": -math.inf}) == '{"v":NaN,"w":-Infinity}'  # orjson would write null
     assert json.loads(payload_json({"big": 10**30}))["big"] == 10**30
     assert payload_json({(1, 2): "tuple key"}) == "{(1, 2): 'tuple key'}"
     assert payload_json({"when": decimal.Decimal("1.5")}) == '{"when":"1.5"}'

@@ -237,16 +237,15 @@ def dumps(obj: Any) -> str:
 class Poisoned:
     """A generated record a simulator served with a bad value instead of its own (option `poison`).
 
-    `key` is the record's (kind, tenant, device, metric, ts_ms) in ground-truth terms; `field` is what the dead
-    letter's reason must name, or None when the record is still stored (a NaN reading: value NULL); `copies`
-    says how many times a complete sync reads it (a latest value is also in a status list).
+    `key` is the record's (kind, tenant, device, metric, ts_ms) in ground-truth terms (a record served in two
+    lists, such as a latest value in the log and the status list, is listed once per list); `field` is what the
+    dead letter's reason must name, or None when the record is still stored (a NaN reading: value NULL).
     """
 
     variant: str
     key: tuple[str, str, str, str, int]
     field: str | None
     raw: str  # the JSON text sent in place of the good value
-    copies: int = 1
 
 
 def raw_json(text: str) -> str:

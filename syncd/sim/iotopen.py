@@ -308,10 +308,10 @@ class IotOpenSim(VendorSim):
                 self._poison[(tail.gk, tail.cap - 1)] = variant
         for (gk, j), variant in sorted(self._poison.items()):
             t = self.topics[gk]
-            field = POISONS[variant][2]
-            latest = j == (t.cap or 0) - 1
-            self.poisoned.append(Poisoned(variant, ("log", *self._keys(t), self._ts(t, j)), field,
-                                          self._raw(t, variant), 2 if latest else 1))
+            field, raw = POISONS[variant][2], self._raw(t, variant)
+            self.poisoned.append(Poisoned(variant, ("log", *self._keys(t), self._ts(t, j)), field, raw))
+            if j == (t.cap or 0) - 1:  # the latest point: the status list serves it too
+                self.poisoned.append(Poisoned(variant, ("status", *self._keys(t), self._ts(t, j)), field, raw))
 
     def _keys(self, t: Topic) -> tuple[str, str, str]:
         inst = self.insts[t.inst]

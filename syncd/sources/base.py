@@ -165,19 +165,26 @@ def dead_letter(record: Any, err: Exception) -> DeadLetter:
 
 
 def payload_json(record: Any) -> str:
-    """A record as JSON text the spool and every sink can hold; never raises.
+    """A record as JSON text the spool and every sink can hold, keeping the evidence; never raises.
 
-    orjson refuses lone surrogates and integers beyond 64 bits; the standard library with `ensure_ascii`
-    writes both (surrogates as `\\ud83d` escapes), and NaN as `NaN`.
+    The standard library, not orjson: orjson writes NaN and Infinity as `null` (the very value a dead letter is
+    about) and refuses lone surrogates and integers beyond 64 bits. A lone surrogate is written as a `\\ud83d`
+    escape (`ensure_ascii`), since the spool encodes UTF-8; a record that is no JSON at all is kept as its repr.
     """
     try:
-        return orjson.dumps(record, default=str).decode()
-    except (TypeError, ValueError):
-        pass
-    try:
-        return json.dumps(record, ensure_ascii=True, default=str)
+        text = json.dumps(record, ensure_ascii=False, default=str, separators=(",", ":"))
+        return text if text.isascii() or _utf8(text) else json.dumps(record, ensure_ascii=True, default=str,
+                                                                       separators=(",", ":"))
     except (TypeError, ValueError, RecursionError):
         return ascii(record)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def spoolable_text(text: str) -> str:
@@ -185,13 +192,9 @@ def spoolable_text(text: str) -> str:
 
     For cursor keys and messages made from vendor strings: the spool encodes them as UTF-8 JSON.
     """
-    if text.isascii():
+    if text.isascii() or _utf8(text):
         return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def loads_lenient(data: bytes | str) -> Any:
@@ -276,13 +279,7 @@ def _refusal(event: Event, attrs_ok: set[int]) -> str | None:
 def _text_problem(text: Any) -> str | None:
     if type(text) is not str:
         return f"must be a string (got {type(text).__name__})"
-    if text.isascii():
-        return None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "contains a lone surrogate"
-    return None
+    return None if text.isascii() or _utf8(text) else "contains a lone surrogate"
 
 
 def _finite(value: float | int) -> bool:
