@@ -268,7 +268,7 @@ def _refusal(event: Event, attrs_ok: set[int]) -> str | None:
         for key, item in attrs.items():
             why = _text_problem(key)
             if why is not None:
-                return f"attrs: key {spoolable_text(key) if isinstance(key, str) else repr(key)!r} {why}"[:300]
+                return f"attrs: key {json.dumps(key) if isinstance(key, str) else repr(key)} {why}"[:300]
             why = _text_problem(item)
             if why is not None:
                 return f"attrs.{spoolable_text(key)[:100]}: {why}"
