@@ -7,6 +7,7 @@ engine, so deduplication, schema errors and counts are the engine's own.
 from __future__ import annotations
 
 import base64
+import http.client
 import os
 import random
 import signal
@@ -126,7 +127,7 @@ def test_client_roundtrip_dedup_and_errors(server: ClickHouseHttp) -> None:
         client.command("CREATE TABLE t1.rows (id UInt64, name LowCardinality(String), v Nullable(Float64), "
                        "tags Map(LowCardinality(String), String)) ENGINE = MergeTree ORDER BY id "
                        "SETTINGS non_replicated_deduplication_window = 100")
-        columns = [list(range(1000)), [f"n{i % 7}" for i in range(1000)],
+        columns: list[list[Any]] = [list(range(1000)), [f"n{i % 7}" for i in range(1000)],
                    [None if i % 5 == 0 else i / 4 for i in range(1000)], [{"k": str(i)} for i in range(1000)]]
         names = ["id", "name", "v", "tags"]
         first = client.insert("t1.rows", columns, column_names=names, column_oriented=True,
@@ -153,6 +154,18 @@ def test_client_roundtrip_dedup_and_errors(server: ClickHouseHttp) -> None:
         client.close()
     # a GET runs read-only, as on a server; Basic credentials in the request
     auth = {"Authorization": "Basic " + base64.b64encode(b"default:secret").decode()}
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)  # keep-alive: one socket, three requests
+    try:
+        for path, want in [("/ping", b"Ok.\n"), ("/?query=SELECT%20currentDatabase()", b"default\n"),
+                           ("/?query=SELECT%20currentDatabase()&database=t1", b"t1\n")]:
+            conn.request("GET", path, headers=auth)
+            r = conn.getresponse()
+            assert (r.status, r.getheader("Connection"), r.read()) == (200, None, want)
+        sock = conn.sock
+        conn.request("GET", "/ping")
+        assert conn.getresponse().read() == b"Ok.\n" and conn.sock is sock
+    finally:
+        conn.close()
     with urllib.request.urlopen(urllib.request.Request(f"{server.base}/?query=SELECT%201%2B1", headers=auth)) as r:
         assert (r.read(), r.headers["X-ClickHouse-Format"]) == (b"2\n", "TabSeparated")
     with pytest.raises(urllib.error.HTTPError) as http_err:
