@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sqlite3
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import orjson
+import pytest
 
 from syncd.sim.common import Poisoned, VendorSim, sims_in_thread
 from syncd.sim.ioto import POISONS as IOTO_POISONS
@@ -72,6 +77,25 @@ def assert_poison_handled(sim: VendorSim, data: Path, vendor: str, poisoned: lis
 
 
 # -- IoT Open: every bad value, in the log and in the status list ---------------------------------------------------
+
+def test_the_poison_really_goes_over_the_wire_raw() -> None:
+    """A NaN literal and a lone surrogate escape in the body: orjson refuses the page, the standard library reads it."""
+    sim = IotOpenSim(seed=30, installations=1, topics_per_installation=8, log_points=400,
+                     poison="ts_nan_literal,value_infinity,surrogate_msg")
+    with sims_in_thread([sim]):
+        request = urllib.request.Request(f"{sim.url}/api/v3beta/log/10?from=0&order=asc&limit=10000",
+                                         headers={"X-API-Key": sim.api_key})
+        body = urllib.request.urlopen(request, timeout=10).read()
+    assert b'"timestamp":NaN' in body and b'"value":-Infinity' in body and b'"msg":"smoke \\ud83d"' in body
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(body)
+    data = json.loads(body)["data"]
+    # each variant: a mid-history point and a topic's latest point
+    assert len(data) == 400 and sum(isinstance(r["timestamp"], float) and math.isnan(r["timestamp"]) for r in data) == 2
+    assert sum(r.get("msg") == "smoke \ud83d" for r in data) == 2
+    assert len(sim.poisoned) == 9 and {p.raw for p in sim.poisoned} == {"NaN", "-Infinity", '"smoke \\ud83d"'}
+
+
 
 def test_iotopen_every_poison_costs_only_its_record(tmp_path: Path) -> None:
     sim = IotOpenSim(seed=31, installations=3, topics_per_installation=8, log_points=3000, poison=list(IOTOPEN_POISONS))
