@@ -88,6 +88,7 @@ class ClickHouseSettings(_Section):
     batch_rows: int = Field(50_000, gt=0)
     batch_age: Duration = 2.0
     ttl: str = ""  # e.g. "365 DAY"; empty keeps data forever
+    schema_recheck: Duration = 60.0  # a sink stopped on a schema mismatch tries again this often
 
     @field_validator("dsn")
     @classmethod

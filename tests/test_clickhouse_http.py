@@ -213,9 +213,6 @@ def test_schema_errors_come_from_the_engine_or_the_fault_mode(server: ClickHouse
 
 # -- syncd on the http:// DSN ---------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="product bug: connect() hands [clickhouse] database to get_client, whose "
-                   "first query already names it, so a server without that database answers UNKNOWN_DATABASE (81) "
-                   "and the migration that would create it never runs")
 def test_schema_apply_on_a_fresh_server(tmp_path: Path, server: ClickHouseHttp) -> None:
     cfg = _config(tmp_path, [], server)
     r = syncd("schema", "--config", str(cfg), "--apply")
@@ -338,3 +335,41 @@ def test_proxy_500s_then_recovery(tmp_path: Path, server: ClickHouseHttp) -> Non
     assert final_count == uniq == total
     assert _stored_keys(server, "iotopen").keys() == truth_keys(sim).keys()
     assert '"sink.failing"' in log.read_text() and '"sink.recovered"' in log.read_text()
+
+
+def test_a_schema_error_stops_only_the_sink_and_it_resumes_when_the_table_is_fixed(
+        tmp_path: Path, server: ClickHouseHttp) -> None:
+    """The server answers every insert into events with NO_SUCH_COLUMN_IN_TABLE (a table changed between the
+    client's DESCRIBE and its INSERT): the sink stops, says so everywhere, the pollers go on into the spool,
+    and when the table is right again the backlog arrives exactly."""
+    sim = IotOpenSim(seed=44, installations=2, topics_per_installation=5, log_points=4_000, history=600)
+    total = 4_000 + 10
+    with sims_in_thread([sim]):
+        sim.faults.slow = 0.03
+        port, log = free_port(), tmp_path / "daemon.log"
+        cfg = _config(tmp_path, [sim], _with_database(server), http_port=port, page_size=200)
+        cfg.write_text(cfg.read_text().replace('batch_age = "200ms"', 'batch_age = "200ms"\nschema_recheck = "2s"'))
+        server.set_fault("schema")
+        with open(log, "w") as err:
+            proc = popen_syncd("run", "--config", str(cfg), stderr=err)
+        try:
+            wait_for(lambda: metrics(port).get('syncd_sink_stopped{sink="clickhouse"}') == 1, timeout=60)
+            ready = urllib.request.Request(f"http://127.0.0.1:{port}/readyz")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(ready, timeout=5)
+            assert refused.value.code == 503 and b"sink clickhouse stopped: schema mismatch" in refused.value.read()
+            # the pollers never wait for the stopped sink (the spool is far from full)
+            wait_for(lambda: _total(metrics(port), "syncd_events_total") == total, timeout=120)
+            assert _total(metrics(port), "syncd_sink_rows_total", sink="clickhouse") == 0
+            status = syncd("status", "--config", str(cfg))
+            assert "sink clickhouse stopped: schema mismatch" in status.stdout, status.stdout
+            server.set_fault("ok")  # the operator fixed the table
+            wait_for(lambda: _total(metrics(port), "syncd_sink_rows_total", sink="clickhouse") >= total, timeout=60)
+            assert metrics(port).get('syncd_sink_stopped{sink="clickhouse"}') == 0
+        finally:
+            _stop_daemon(proc, log)
+    text = log.read_text()
+    assert text.count('"sink.stopped_schema_mismatch"') == 1 and text.count('"sink.recovered"') == 1
+    assert "NO_SUCH_COLUMN_IN_TABLE" in text and '"table": "events"' in text
+    final_count, uniq, _ = _counts(server)
+    assert final_count == uniq == total

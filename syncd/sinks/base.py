@@ -41,6 +41,7 @@ class Sink(ABC):
     name: str
     batch_rows: int = 50_000
     batch_age: float = 2.0
+    schema_recheck: float = SCHEMA_RECHECK_S
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect / prepare; may raise, the drainer retries."""
@@ -126,7 +127,7 @@ class Drainer:
                 raise
             except SchemaMismatch as err:
                 await self._stop_on_schema(err)
-                delay = SCHEMA_RECHECK_S
+                delay = self.sink.schema_recheck
                 if deadline is not None:
                     return  # shutdown does not wait for an operator to fix a table
             except Exception as err:  # any other sink failure keeps the batch and retries; the loop must survive
@@ -198,7 +199,7 @@ class Drainer:
             await self._health("stopped", f"schema mismatch: {err}")
             log.error("sink.stopped_schema_mismatch", sink=self.sink.name, table=err.table, column=err.column,
                       error=str(err), hint="fix the table (or run `syncd schema --apply`); the backlog waits in the spool",
-                      recheck_every_s=SCHEMA_RECHECK_S)
+                      recheck_every_s=self.sink.schema_recheck)
         self.stopped = self.error = f"schema mismatch: {err}"[:500]
         self.healthy = False
         if self.failing_since is None:

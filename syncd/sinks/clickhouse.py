@@ -92,7 +92,9 @@ def connect(dsn: str, database: str = "default") -> Any:
     return clickhouse_connect.get_client(
         host=parts.hostname or "localhost", port=parts.port or (8443 if parts.scheme == "https" else 8123),
         username=parts.username or "default", password=parts.password or "", secure=parts.scheme == "https",
-        database=(parts.path.strip("/") or database),
+        # The session's default database only: every statement of syncd names `[clickhouse] database` itself,
+        # which may not exist yet (the first migration creates it), so it must not be the connection's default.
+        database=parts.path.strip("/") or "default",
     )
 
 
