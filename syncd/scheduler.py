@@ -328,6 +328,8 @@ class Syncer:
         state.lag_s = page.lag_s
         self.metrics.inc("syncd_events_total", len(page.events), source=source.name, kind=stream.kind)
         self.metrics.inc("syncd_pages_total", source=source.name)
+        if page.late:
+            self.metrics.inc("syncd_late_rows_total", page.late, source=source.name, stream=stream.name)
         if new_dead:
             self._dead_letters(state, page.dead, new_dead)
 

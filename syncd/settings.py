@@ -139,6 +139,8 @@ class SourceBase(_Section):
     page_size: int | None = Field(None, gt=0)
     auth_recheck: Duration = 60.0  # a refused credential is tried again after this, doubling up to 30 min
     max_retry_after: Duration = 900.0  # a vendor's Retry-After longer than this is cut to it (with a warning)
+    late_window: Duration | None = None  # how far back a re-read reaches for late rows (vendor default if unset)
+    reconcile_every: Duration | None = None  # how often that re-read runs (vendor default if unset)
 
     @field_validator("start")
     @classmethod

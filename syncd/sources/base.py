@@ -57,6 +57,7 @@ class Page:
     done: bool
     dead: list[DeadLetter] = field(default_factory=list)
     lag_s: float | None = None  # how far behind "now" the stream still is after this page
+    late: int = 0  # rows a re-read found that earlier reads had missed (counted in syncd_late_rows_total)
 
 
 class Source(ABC):
