@@ -14,9 +14,10 @@ KINDS = ("status", "log", "telemetry", "metric", "alert")
 COLUMNS = ("event_id", "source", "vendor", "kind", "tenant", "device", "metric", "ts", "value", "text", "attrs")
 
 
-def event_id(vendor: str, tenant: str, device: str, metric: str, kind: str, ts_ms: int) -> int:
-    """UInt64 from (vendor, tenant, device, metric, kind, ts): the same record always gets the same id."""
-    key = "\x1f".join((vendor, tenant, device, metric, kind, str(ts_ms))).encode()
+def event_id(source: str, vendor: str, tenant: str, device: str, metric: str, kind: str, ts_ms: int) -> int:
+    """UInt64 from (source, vendor, tenant, device, metric, kind, ts): the same record always gets the same id,
+    and two deployments (two sources) with equal installation or user ids never share one."""
+    key = "\x1f".join((source, vendor, tenant, device, metric, kind, str(ts_ms))).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
@@ -41,7 +42,7 @@ class Event:
 
     @property
     def event_id(self) -> int:
-        return event_id(self.vendor, self.tenant, self.device, self.metric, self.kind, self.ts_ms)
+        return event_id(self.source, self.vendor, self.tenant, self.device, self.metric, self.kind, self.ts_ms)
 
     def row(self) -> list[Any]:
         """The spool/insert row in COLUMNS order."""

@@ -19,7 +19,7 @@ def test_schema_prints_and_applies_idempotently(tmp_path: Path) -> None:
     assert printed.returncode == 0 and "ReplacingMergeTree(ingested_at)" in printed.stdout
     assert "non_replicated_deduplication_window" in printed.stdout
     first = syncd("schema", "--config", str(cfg), "--apply")
-    assert first.returncode == 0 and "[1, 2, 3, 4, 5]" in first.stdout, first.stderr
+    assert first.returncode == 0 and "[1, 2, 3, 4, 5, 6]" in first.stdout, first.stderr
     again = syncd("schema", "--config", str(cfg), "--apply")
     assert again.returncode == 0 and "up to date" in again.stdout
 
@@ -63,3 +63,49 @@ def test_grafana_dashboard_queries_run_against_the_schema(tmp_path: Path) -> Non
     # Grafana's macro, expanded the way the ClickHouse plugin does for a fixed range
     sql = [re.sub(r"\$__timeFilter\((\w+)\)", r"\1 >= now() - INTERVAL 1 DAY AND \1 <= now()", q) for q in queries]
     assert len(ch(tmp_path / "data", *sql)) == len(sql)  # every query parses and names real columns
+
+
+UPGRADE_SCRIPT = r"""
+import json, sys, time
+from syncd.sinks.clickhouse import ClickHouseSink
+from syncd.sinks.schema import migrations, migrations_table
+sink = ClickHouseSink(f"chdb://{sys.argv[1]}", "syncd")
+sink.client = client = __import__("clickhouse_connect").get_client(dsn=f"chdb://{sys.argv[1]}")
+old = [m for m in migrations("syncd") if m.version <= 5]  # a store as the previous release left it
+client.command(str(old[0].statements[0]))
+client.command(migrations_table("syncd"))
+for m in old:
+    for step in m.statements:
+        client.command(step if isinstance(step, str) else step[0])
+    client.insert("syncd.schema_migrations", [[m.version, m.name, int(time.time() * 1000)]],
+                  column_names=["version", "name", "applied_at"])
+rows = [[i, src, "iotopen", "log", "10", "d", "m", 1_700_000_000_000 + i, float(i), None, {}, 1_700_000_000_000]
+        for i in range(100) for src in ("a",)]
+cols = ["event_id", "source", "vendor", "kind", "tenant", "device", "metric", "ts", "value", "text", "attrs", "ingested_at"]
+client.insert("syncd.events", rows, column_names=cols)
+applied = sink.migrate()
+again = sink.migrate()
+client.insert("syncd.events", [[1000, "b", "iotopen", "log", "10", "d", "m", 1_700_000_000_000, 5.0, None, {}, 1]],
+              column_names=cols)  # another deployment, the same installation id, the same instant
+out = [applied, again] + [client.query(q).result_rows for q in (
+    "SELECT sorting_key FROM system.tables WHERE database = 'syncd' AND name IN ('events', 'latest') ORDER BY name",
+    "SELECT count() FROM syncd.events FINAL",
+    "SELECT source, value FROM syncd.latest FINAL ORDER BY source",
+    "SELECT count() FROM system.tables WHERE database = 'syncd' AND name LIKE '%rekeyed%'")]
+print(json.dumps(out, default=str))
+"""
+
+
+def test_upgrade_moves_events_and_latest_to_sort_keys_with_the_source(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", UPGRADE_SCRIPT, str(tmp_path / "ch")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    applied, again, keys, count, latest, leftovers = json.loads(r.stdout.splitlines()[-1])
+    assert applied == [6] and again == []
+    assert keys == [["source, vendor, tenant, device, metric, kind, ts"], ["source, vendor, tenant, device, metric, kind"]]
+    assert count == [[101]]  # the 100 rows kept, and source b's row beside source a's, not over it
+    assert latest == [["a", 99.0], ["b", 5.0]]  # the view feeds the rekeyed latest
+    assert leftovers == [[0]]

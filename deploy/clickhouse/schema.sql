@@ -86,3 +86,44 @@ SETTINGS index_granularity = 8192, non_replicated_deduplication_window = 10000;
 INSERT INTO `syncd`.`dead_letter_v5` (at, source, vendor, stream, sink, reason, payload) SELECT at, source, vendor, stream, '', reason, payload FROM `syncd`.`dead_letter`;
 EXCHANGE TABLES `syncd`.`dead_letter` AND `syncd`.`dead_letter_v5`;
 DROP TABLE IF EXISTS `syncd`.`dead_letter_v5`;
+
+-- migration 6: source_in_sort_keys
+DROP VIEW IF EXISTS `syncd`.`latest_mv`;
+CREATE TABLE IF NOT EXISTS `syncd`.`events_rekeyed` (
+    event_id UInt64,
+    source LowCardinality(String),
+    vendor LowCardinality(String),
+    kind LowCardinality(String),
+    tenant String,
+    device String,
+    metric String,
+    ts DateTime64(3, 'UTC') CODEC(Delta, ZSTD),
+    value Nullable(Float64) CODEC(Gorilla, ZSTD),
+    text Nullable(String),
+    attrs Map(LowCardinality(String), String),
+    ingested_at DateTime64(3, 'UTC') CODEC(Delta, ZSTD)
+) ENGINE = ReplacingMergeTree(ingested_at)
+PARTITION BY toYYYYMM(ts)
+ORDER BY (source, vendor, tenant, device, metric, kind, ts)
+SETTINGS index_granularity = 8192, non_replicated_deduplication_window = 10000;
+INSERT INTO `syncd`.`events_rekeyed` SELECT * FROM `syncd`.`events`;
+EXCHANGE TABLES `syncd`.`events` AND `syncd`.`events_rekeyed`;
+DROP TABLE IF EXISTS `syncd`.`events_rekeyed`;
+CREATE TABLE IF NOT EXISTS `syncd`.`latest_rekeyed` (
+    vendor LowCardinality(String),
+    tenant String,
+    device String,
+    metric String,
+    kind LowCardinality(String),
+    source LowCardinality(String),
+    ts DateTime64(3, 'UTC'),
+    value Nullable(Float64),
+    text Nullable(String),
+    attrs Map(LowCardinality(String), String)
+) ENGINE = ReplacingMergeTree(ts)
+ORDER BY (source, vendor, tenant, device, metric, kind);
+INSERT INTO `syncd`.`latest_rekeyed` SELECT * FROM `syncd`.`latest`;
+EXCHANGE TABLES `syncd`.`latest` AND `syncd`.`latest_rekeyed`;
+DROP TABLE IF EXISTS `syncd`.`latest_rekeyed`;
+CREATE MATERIALIZED VIEW IF NOT EXISTS `syncd`.`latest_mv` TO `syncd`.`latest` AS
+SELECT vendor, tenant, device, metric, kind, source, ts, value, text, attrs FROM `syncd`.`events`;

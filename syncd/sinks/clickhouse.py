@@ -171,8 +171,7 @@ class ClickHouseSink(Sink):
         """Apply migrations not yet recorded; idempotent. Returns the versions applied now."""
         client = self.client
         first, *rest = migrations(self.database, self.cluster, self.ttl)
-        for stmt in first.statements[:1]:  # the database must exist before the migrations table
-            client.command(stmt)
+        client.command(str(first.statements[0]))  # the database must exist before the migrations table
         client.command(migrations_table(self.database, self.cluster))
         done = {r[0] for r in client.query(f"SELECT version FROM `{self.database}`.schema_migrations").result_rows}
         applied = []
@@ -182,8 +181,10 @@ class ClickHouseSink(Sink):
             if m.done_if and client.query(m.done_if).result_rows[0][0]:
                 log.info("clickhouse.migration_found_in_place", version=m.version, name=m.name)
             else:
-                for stmt in m.statements:
-                    client.command(stmt)
+                for step in m.statements:
+                    stmt, already = (step, "") if isinstance(step, str) else step
+                    if not (already and client.query(already).result_rows[0][0]):
+                        client.command(stmt)
             client.insert(f"`{self.database}`.schema_migrations", [[m.version, m.name, int(time.time() * 1000)]],
                           column_names=["version", "name", "applied_at"])
             applied.append(m.version)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+Step = str | tuple[str, str]  # a statement, or (statement, query answering non-zero when it is already done)
 
 
 @dataclass(frozen=True)
 class Migration:
     version: int
     name: str
-    statements: tuple[str, ...]
+    statements: tuple[Step, ...]
     done_if: str = ""  # a query answering non-zero when the change is already in place (a crash before recording it)
 
 
@@ -40,10 +43,8 @@ def migrations(database: str, cluster: str = "", ttl: str = "") -> list[Migratio
     dedup = "" if cluster else ", non_replicated_deduplication_window = 10000"
     ttl_clause = f" TTL toDateTime(ts) + INTERVAL {ttl}" if ttl else ""
 
-    return [
-        Migration(1, "events", (
-            f"CREATE DATABASE IF NOT EXISTS {db}{on}",
-            f"""CREATE TABLE IF NOT EXISTS {table('events')}{on} (
+    def events_table(name: str, order: str) -> str:
+        return f"""CREATE TABLE IF NOT EXISTS {table(name)}{on} (
     event_id UInt64,
     source LowCardinality(String),
     vendor LowCardinality(String),
@@ -58,12 +59,11 @@ def migrations(database: str, cluster: str = "", ttl: str = "") -> list[Migratio
     ingested_at DateTime64(3, 'UTC') CODEC(Delta, ZSTD)
 ) ENGINE = {engine('ReplacingMergeTree', 'ingested_at')}
 PARTITION BY toYYYYMM(ts)
-ORDER BY (vendor, tenant, device, metric, kind, ts){ttl_clause}
-SETTINGS index_granularity = 8192{dedup}""",
-            *distributed("events", "cityHash64(vendor, tenant, device)"),
-        )),
-        Migration(2, "latest", (
-            f"""CREATE TABLE IF NOT EXISTS {table('latest')}{on} (
+ORDER BY ({order}){ttl_clause}
+SETTINGS index_granularity = 8192{dedup}"""
+
+    def latest_table(name: str, order: str) -> str:
+        return f"""CREATE TABLE IF NOT EXISTS {table(name)}{on} (
     vendor LowCardinality(String),
     tenant String,
     device String,
@@ -75,11 +75,35 @@ SETTINGS index_granularity = 8192{dedup}""",
     text Nullable(String),
     attrs Map(LowCardinality(String), String)
 ) ENGINE = {engine('ReplacingMergeTree', 'ts')}
-ORDER BY (vendor, tenant, device, metric, kind)""",
+ORDER BY ({order})"""
+
+    latest_view = (f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.`latest_mv`{on} TO {table('latest')} AS\n"
+                   f"SELECT vendor, tenant, device, metric, kind, source, ts, value, text, attrs FROM {table('events')}")
+
+    def rekey(name: str, ddl: Callable[[str, str], str], order: str) -> tuple[Step, ...]:
+        """Move a table to a new sort key: copy into a new table, swap the names, drop the old one.
+        Each step knows when it is already done, so a crash part-way is finished by the next start."""
+        local = f"{name}_local" if cluster else name
+        moved = (f"SELECT count() FROM system.tables WHERE database = '{database}' AND name = '{local}' "
+                 f"AND sorting_key = '{order}'")
+        return (
+            (ddl(f"{name}_rekeyed", order), moved),
+            (f"INSERT INTO {table(name + '_rekeyed')} SELECT * FROM {table(name)}", moved),
+            (f"EXCHANGE TABLES {table(name)} AND {table(name + '_rekeyed')}{on}", moved),
+            f"DROP TABLE IF EXISTS {table(name + '_rekeyed')}{on}",
+        )
+
+    return [
+        Migration(1, "events", (
+            f"CREATE DATABASE IF NOT EXISTS {db}{on}",
+            events_table("events", "vendor, tenant, device, metric, kind, ts"),
+            *distributed("events", "cityHash64(vendor, tenant, device)"),
+        )),
+        Migration(2, "latest", (
+            latest_table("latest", "vendor, tenant, device, metric, kind"),
             *distributed("latest", "cityHash64(vendor, tenant, device)"),
             # Fed by every insert into events, so "current state" needs no second write path.
-            f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.`latest_mv`{on} TO {table('latest')} AS
-SELECT vendor, tenant, device, metric, kind, source, ts, value, text, attrs FROM {table('events')}""",
+            latest_view,
         )),
         Migration(3, "dead_letter", (
             f"""CREATE TABLE IF NOT EXISTS {table('dead_letter')}{on} (
@@ -136,6 +160,14 @@ SETTINGS index_granularity = 8192{dedup}""",
             *((f"DROP TABLE IF EXISTS {db}.`dead_letter`{on}", *distributed("dead_letter", "rand()")) if cluster else ()),
         ), done_if=f"SELECT count() FROM system.columns WHERE database = '{database}' "
                    f"AND table = '{'dead_letter_local' if cluster else 'dead_letter'}' AND name = 'sink'"),
+        # The source joins the sort keys (and event_id): two deployments with equal ids never replace each
+        # other's rows. Existing rows are copied once into tables with the new key.
+        Migration(6, "source_in_sort_keys", (
+            f"DROP VIEW IF EXISTS {db}.`latest_mv`{on}",
+            *rekey("events", events_table, "source, vendor, tenant, device, metric, kind, ts"),
+            *rekey("latest", latest_table, "source, vendor, tenant, device, metric, kind"),
+            latest_view,
+        )),
     ]
 
 
@@ -154,7 +186,7 @@ def ddl_script(database: str, cluster: str = "", ttl: str = "") -> str:
     for m in migrations(database, cluster, ttl):
         out.append(f"\n-- migration {m.version}: {m.name}")
         for stmt in m.statements:
-            out.append(stmt + ";")
+            out.append((stmt if isinstance(stmt, str) else stmt[0]) + ";")
         if first:
             out.append(migrations_table(database, cluster) + ";")
             first = False
