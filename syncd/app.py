@@ -13,10 +13,11 @@ import structlog
 
 from syncd.http import TokenBucket, VendorClient
 from syncd.observability import Metrics, redactor, serve_http
-from syncd.scheduler import Syncer
+from syncd.scheduler import StreamState, Syncer
 from syncd.settings import Settings
 from syncd.sinks import build_sinks
 from syncd.sinks.base import Drainer, Sink
+from syncd.sinks.clickhouse import ClickHouseSink
 from syncd.sources import SOURCES
 from syncd.spool import Spool
 
@@ -38,7 +39,8 @@ class Daemon:
         self.sinks = sinks if sinks is not None else build_sinks(settings)
         self.drainers = [Drainer(s, self.spool, self.metrics, redact=redactor(settings.secrets())) for s in self.sinks]
         self.syncer = Syncer(self.spool, self.metrics, instance=settings.syncd.instance, wake=self._wake,
-                             room=self._room, shard=settings.syncd.shard_index, redact=redactor(settings.secrets()))
+                             room=self._room, shard=settings.syncd.shard_index, redact=redactor(settings.secrets()),
+                             newest=self._newest if any(isinstance(s, ClickHouseSink) for s in self.sinks) else None)
         self.session: aiohttp.ClientSession | None = None
         self.drain_stop = asyncio.Event()
         self.drain_tasks: list[asyncio.Task[None]] = []
@@ -64,9 +66,6 @@ class Daemon:
         self.http_runner = await serve_http(self.settings.syncd.http, self.metrics, self.ready)
         log.info("syncd.started", instance=self.settings.syncd.instance, sources=len(self.syncer.sources),
                  sinks=[s.name for s in self.sinks])
-
-    async def discover_all(self) -> None:
-        await asyncio.gather(*(self.syncer.discover(name) for name in self.syncer.sources))
 
     async def stop(self, flush_timeout: float = FLUSH_TIMEOUT) -> bool:
         """Stop scheduling, let in-flight pages finish, flush the drainers (bounded). True if all was flushed."""
@@ -97,10 +96,16 @@ class Daemon:
     # -- modes --------------------------------------------------------------------------------------
 
     async def run_once(self) -> dict[str, str]:
-        """Sync every stream until caught up; returns {"source" or "source stream": reason} for each failure."""
-        await self.discover_all()
-        jobs = [self.syncer.run_stream(src, stream) for src, st in self.syncer.sources.items() for stream in st.streams]
-        states = await asyncio.gather(*jobs)
+        """Sync every stream until caught up; returns {"source" or "source stream": reason} for each failure.
+
+        Each source discovers and runs on its own: a slow or failing one never holds back another.
+        """
+        async def one(name: str) -> list[StreamState]:
+            await self.syncer.discover(name)
+            streams = list(self.syncer.sources[name].streams)
+            return list(await asyncio.gather(*(self.syncer.run_stream(name, s) for s in streams)))
+
+        states = [s for per in await asyncio.gather(*(one(n) for n in self.syncer.sources)) for s in per]
         failed = {name: (f"auth_failed: {st.failed}" if st.failed else st.discovery_error)
                   for name, st in self.syncer.sources.items() if st.failed or st.discovery_error}
         for state in states:
@@ -109,9 +114,14 @@ class Daemon:
         return failed
 
     async def run_forever(self, stop: asyncio.Event) -> None:
-        await self.discover_all()
+        """Schedule first, then let each source's discovery add its streams as soon as it is done."""
         self.syncer.schedule()
-        await stop.wait()
+        first = [asyncio.create_task(self.syncer.rediscover(name)) for name in self.syncer.sources]
+        try:
+            await stop.wait()
+        finally:
+            for task in first:
+                task.cancel()
 
     # -- pieces the syncer calls back ---------------------------------------------------------------
 
@@ -142,6 +152,10 @@ class Daemon:
             log.info("spool.room_again", pending_bytes=self.spool.pending_bytes)
             self._full_logged = False
             self.metrics.set("syncd_pollers_paused", 0)
+
+    async def _newest(self, source: str) -> dict[tuple[str, str], int]:
+        sink = next(s for s in self.sinks if isinstance(s, ClickHouseSink))
+        return await sink.newest(source)
 
     def ready(self) -> tuple[bool, str]:
         problems = [f"source {n} auth_failed: {self.syncer.redact(st.failed)}"

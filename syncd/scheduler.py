@@ -28,6 +28,7 @@ log = structlog.get_logger("syncd.sync")
 PUSH_IDLE_S = 2.0  # `--once` on a push stream ends after this long without a message (the broker has sent its backlog)
 PUSH_ONCE_LIMIT_S = 300.0  # ... or after this long at most, for a stream that never goes quiet
 PUSH_BACKOFF_CAP_S = 60.0  # reconnect backoff cap of a long-running push stream
+RESUME_OVERLAP_S = 3600.0  # a stream with no cursor re-reads this much before the sink's newest event of it
 
 
 @dataclass
@@ -68,6 +69,7 @@ class SourceState:
     recheck_delay: float = 0.0
     discovery_error: str = ""  # the last discovery failure, cleared by a successful one
     discovered_at: float | None = None  # monotonic time of the last successful discovery
+    newest: dict[tuple[str, str], int] | None = None  # the sink's newest event per (kind, tenant), asked once
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -88,8 +90,10 @@ class Syncer:
 
     def __init__(self, spool: Spool, metrics: Metrics, *, instance: str, wake: Callable[[], None],
                  room: Callable[[], Awaitable[None]], shard: tuple[int, int] = (0, 1),
-                 redact: Callable[[str], str] = str) -> None:
+                 redact: Callable[[str], str] = str,
+                 newest: Callable[[str], Awaitable[dict[tuple[str, str], int]]] | None = None) -> None:
         self.spool, self.metrics, self.instance, self.redact = spool, metrics, instance, redact
+        self.newest = newest
         self.wake, self.room, self.shard = wake, room, shard
         self.sources: dict[str, SourceState] = {}
         self.states: dict[tuple[str, str], StreamState] = {}
@@ -206,6 +210,8 @@ class Syncer:
         error = ""
         try:
             run.cursor = await self.spool.run(self.spool.get_cursor, source_name, stream_name)
+            if run.cursor is None and not stream.push:
+                await self._resume_point(st, stream)
             if stream.push:
                 await self._run_push(st, state, stream, run, idle)
             else:
@@ -230,6 +236,23 @@ class Syncer:
                 log.error("stream.status_failed", error=describe(err))
             structlog.contextvars.unbind_contextvars("source", "stream", "run_id")
         return state
+
+    async def _resume_point(self, st: SourceState, stream: Stream) -> None:
+        """A stream without a cursor (a new one, or state.db lost) resumes from the sink's newest event of it
+        minus RESUME_OVERLAP_S; only when (kind, tenant) names this stream alone, else from `start`."""
+        if self.newest is None or stream.name in st.source.resume:
+            return
+        if st.newest is None:
+            try:
+                st.newest = await self.newest(st.source.name)
+            except Exception as err:  # noqa: BLE001 - the store is down: `start` bounds the first read instead
+                log.warning("stream.resume_point_unknown", error=describe(err), fallback="start")
+                return
+        same = [s for s in st.streams.values() if (s.kind, s.tenant) == (stream.kind, stream.tenant)]
+        newest = st.newest.get((stream.kind, stream.tenant))
+        if newest is not None and len(same) == 1:
+            st.source.resume[stream.name] = newest - int(RESUME_OVERLAP_S * 1000)
+            log.info("stream.resumed_from_sink", newest_ms=newest, overlap_s=RESUME_OVERLAP_S)
 
     async def _run_pull(self, st: SourceState, state: StreamState, stream: Stream, run: _Run) -> None:
         while not self.stop.is_set():
@@ -385,7 +408,7 @@ class Syncer:
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         for name, st in self.sources.items():
             tick = max(0.5, min(15.0, st.source.config.auth_recheck))
-            self.scheduler.add_job(self._rediscover, "interval", args=[name], seconds=tick,
+            self.scheduler.add_job(self.rediscover, "interval", args=[name], seconds=tick,
                                    id=f"discover:{name}", max_instances=1, coalesce=True)
             for stream in st.streams.values():
                 self._add_stream_job(name, stream)
@@ -410,7 +433,9 @@ class Syncer:
             next_run_time=datetime.fromtimestamp(first, tz=UTC), misfire_grace_time=None,
         )
 
-    async def _rediscover(self, name: str) -> None:
+    async def rediscover(self, name: str) -> None:
+        """Discover a source when due (first time, periodic, after an error, a refused key's re-check); schedule
+        what it found."""
         st, now = self.sources[name], time.monotonic()
         due = (now >= st.recheck_at if st.failed else
                bool(st.discovery_error) or st.discovered_at is None or now - st.discovered_at >= self.rediscover_every)

@@ -401,3 +401,28 @@ def test_a_reread_page_adds_no_dead_letter_twice_and_status_counts_them(tmp_path
     assert n >= 8 and after == [[n]] and distinct == [[n]]
     assert f"dead letters proxus-sim\ttelemetry: {n}" in status.stdout, status.stdout
     assert '"sync.dead_letters"' not in again.stderr  # nothing new to report
+
+
+def test_a_slow_source_at_start_up_holds_back_no_other(tmp_path: Path) -> None:
+    """The slow vendor answers its first 12 requests with 429 + Retry-After: 5 (a minute of discovery);
+    the fast one is fully synced meanwhile, in the daemon and in --once alike."""
+    fast, slow = IotOpenSim(seed=38, installations=2, log_points=800), IotOpenSim(seed=39, installations=1, log_points=50)
+    port = free_port()
+    with sims_in_thread([fast, slow]):
+        cfg = write_config(tmp_path, [fast, slow])
+        text = cfg.read_text().replace('http = ""', f'http = "127.0.0.1:{port}"')
+        first = text.index('name = "iotopen-sim"')
+        cfg.write_text(text[:first] + 'name = "fast"' + text[first + len('name = "iotopen-sim"'):]
+                       .replace('name = "iotopen-sim"', 'name = "slow"'))
+        slow.faults.update({"storm_429": 12, "retry_after": 5})
+        daemon = popen_syncd("run", "--config", str(cfg))
+        try:
+            want = len(fast.ground_truth())
+            wait_for(lambda: sum(v for k, v in metrics(port).items()
+                                 if k.startswith("syncd_events_total{") and 'source="fast"' in k) == want, timeout=40)
+            assert not [k for k in metrics(port) if k.startswith("syncd_events_total{") and 'source="slow"' in k]
+            assert slow.faults.storm_429 > 0  # the slow one is still being refused: it really held nothing back
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.communicate(timeout=120)
+    assert daemon.returncode == 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+from syncd.scheduler import RESUME_OVERLAP_S
 from syncd.sim.common import sims_in_thread
 from syncd.sim.iotopen import IotOpenSim
-from tests.helpers import ch, once_twice, truth_keys, write_config
+from tests.helpers import ch, once_twice, stored_keys, syncd, truth_keys, write_config
 
 
 def test_two_deployments_with_the_same_installation_ids_are_both_kept(tmp_path: Path) -> None:
@@ -29,3 +31,29 @@ def test_two_deployments_with_the_same_installation_ids_are_both_kept(tmp_path: 
     n = len(truth_keys(prod))
     assert per_source == [["lynx-lab", n, n], ["lynx-prod", n, n]]
     assert total == [[2 * n, 2 * n]]
+
+
+def test_with_state_db_lost_a_rerun_resumes_from_the_store_minus_the_overlap(tmp_path: Path) -> None:
+    sim = IotOpenSim(seed=52, installations=2, topics_per_installation=4, log_points=4000)
+    with sims_in_thread([sim]):
+        cfg = write_config(tmp_path, [sim])
+        first = syncd("run", "--config", str(cfg), "--once")
+        assert first.returncode == 0, first.stderr[-3000:]
+        for name in ("state.db", "state.db-wal", "state.db-shm"):
+            (tmp_path / "data" / name).unlink(missing_ok=True)
+        second = syncd("run", "--config", str(cfg), "--once")
+        assert second.returncode == 0, second.stderr[-3000:]
+    truth = truth_keys(sim)
+    logs = [k for k in truth if k[0] == "log"]
+    expected = 0
+    for tenant in {k[1] for k in logs}:
+        resume_s = (max(k[4] for k in logs if k[1] == tenant) - int(RESUME_OVERLAP_S * 1000)) // 1000
+        expected += sum(1 for k in logs if k[1] == tenant and k[4] // 1000 >= resume_s)
+    finished = [json.loads(line) for line in second.stderr.splitlines() if '"sync.finished"' in line]
+    reread = sum(f["events"] for f in finished if f["stream"].startswith("log/"))
+    resumed = [json.loads(line)["stream"] for line in second.stderr.splitlines() if '"stream.resumed_from_sink"' in line]
+    assert sorted(s for s in resumed if s.startswith("log/")) == sorted({f"log/{k[1]}" for k in logs})  # not `start`
+    assert reread == expected < len(logs) // 4  # only the overlap hour of each installation was read again
+    (stored,) = ch(tmp_path / "data", "SELECT count(), uniqExact(event_id) FROM syncd.events FINAL")
+    assert stored == [[len(truth), len(truth)]]
+    assert stored_keys(tmp_path / "data", "iotopen").keys() == truth.keys()

@@ -153,6 +153,7 @@ class ClickHouseSink(Sink):
         self.dsn, self.database, self.cluster, self.ttl = dsn, database, cluster, ttl
         self.batch_rows, self.batch_age, self.instance = batch_rows, batch_age, instance
         self.client: Any = None
+        self._migrated = False
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-clickhouse")
 
     async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -162,10 +163,14 @@ class ClickHouseSink(Sink):
         await self._call(self.open_sync)
 
     def open_sync(self) -> list[int]:
-        """Connect and migrate; returns the migration versions applied now."""
+        """Connect and migrate (once per connection); returns the migration versions applied now."""
+        if self.client is not None and self._migrated:
+            return []
         if self.client is None:
             self.client = connect(self.dsn, self.database)
-        return self.migrate()
+        applied = self.migrate()
+        self._migrated = True
+        return applied
 
     def migrate(self) -> list[int]:
         """Apply migrations not yet recorded; idempotent. Returns the versions applied now."""
@@ -253,6 +258,17 @@ class ClickHouseSink(Sink):
         if getattr(err, "code", None) in SCHEMA_CODES:
             raise SchemaMismatch(f"{self.database}.{table}: {_short(err)}", table=table) from err
 
+    async def newest(self, source: str) -> dict[tuple[str, str], int]:
+        """(kind, tenant) -> epoch ms of the newest stored event of `source` (where a stream with no cursor resumes)."""
+        await self.open()
+        return await self._call(self._newest, source)
+
+    def _newest(self, source: str) -> dict[tuple[str, str], int]:
+        rows = self.client.query(
+            f"SELECT kind, tenant, toUnixTimestamp64Milli(max(ts)) FROM `{self.database}`.events "
+            "WHERE source = {source:String} GROUP BY kind, tenant", parameters={"source": source}).result_rows
+        return {(kind, tenant): int(ms) for kind, tenant, ms in rows}
+
     def query(self, sql: str) -> Any:
         return self.client.query(sql)
 
@@ -264,4 +280,5 @@ class ClickHouseSink(Sink):
         if self.client is not None:
             self.client.close()
             self.client = None
+            self._migrated = False
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from syncd.events import TS_MAX_MS, TS_MIN_MS, TS_RANGE, Event, describe_ms
 from syncd.http import VendorClient, default_error
-from syncd.settings import SourceBase
+from syncd.settings import SourceBase, start_ms
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -71,6 +71,7 @@ class Source(ABC):
     instance = "syncd-0"  # the daemon instance (set by the engine): stable ids such as MQTT client ids derive from it
 
     def __init__(self, config: SourceBase, client: VendorClient, clock: Callable[[], float] = time.time) -> None:
+        self.resume: dict[str, int] = {}  # stream name -> epoch ms to start from, set by the engine (first_ms)
         self.config = config
         self.client = client
         self.clock = clock
@@ -110,6 +111,12 @@ class Source(ABC):
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    def first_ms(self, now_ms: int, stream: str) -> int:
+        """Where a stream with no cursor starts: the sink's newest event of it minus `RESUME_OVERLAP_MS` when
+        the engine found one (state.db lost, the store kept), else the source's `start` setting."""
+        resumed = self.resume.get(stream)
+        return resumed if resumed is not None else start_ms(self.config.start, now_ms)
 
     def event(self, kind: str, tenant: str, device: str, metric: str, ts_ms: int, value: float | None = None,
               text: str | None = None, attrs: dict[str, str] | None = None) -> Event:

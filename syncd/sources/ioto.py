@@ -18,7 +18,6 @@ from syncd.errors import MalformedResponse, RateLimited, RequestRejected, Vendor
 from syncd.events import TS_MAX_MS, TS_RANGE, Event, describe_ms, parse_iso_ms
 from syncd.http import retry_after
 from syncd.settings import IotoSource as IotoConfig
-from syncd.settings import start_ms
 from syncd.sources.base import DeadLetter, FieldError, Page, Source, Stream, mapped, spoolable_text, valid
 
 PAGE_LIMIT = 1000  # always sent: the Builder docs default `limit` to 1 [D-gen]; no maximum documented [A]
@@ -334,7 +333,7 @@ class IotoSource(Source):
         that page (skipping ids it has) and goes on from there.
         """
         if cursor is None:
-            cursor = {"next": None, "last": "", "from": start_ms(self.config.start, self.now_ms())}
+            cursor = {"next": None, "last": "", "from": self.first_ms(self.now_ms(), stream.name)}
         sent, last, frm = cursor["next"], cursor["last"], cursor["from"]
         body = {"_type": "Log", "deviceId": stream.params["device"]}
         items, nxt = await self._page("/generic/find", body, sent)
@@ -400,7 +399,7 @@ class IotoSource(Source):
         watermark moves only when a pass ends, so the list order does not matter.
         """
         if cursor is None:
-            frm = start_ms(self.config.start, self.now_ms())
+            frm = self.first_ms(self.now_ms(), "alert")
             cursor = {"next": None, "from": frm, "wm": frm - 1, "edge": [], "top": frm - 1, "top_edge": [], "open": {}}
         frm, wm, edge, opened = cursor["from"], cursor["wm"], set(cursor["edge"]), dict(cursor["open"])
         top, top_edge = cursor["top"], set(cursor["top_edge"])

@@ -14,7 +14,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from syncd.errors import MalformedResponse, VendorAuthError
 from syncd.events import Event, seconds_to_ms
 from syncd.settings import IotOpenSource as IotOpenConfig
-from syncd.settings import start_ms
 from syncd.sources.base import DeadLetter, Page, Source, Stream, mapped, spoolable_text
 
 # Values need ~5 s to show up after publishing [S]; read the log only up to now minus this.
@@ -170,7 +169,7 @@ class IotOpenSource(Source):
         """v3 log, oldest first, `to` pinned while paging; the boundary second is re-read and filtered."""
         now_s = self.clock()
         if cursor is None:
-            cursor = {"from": start_ms(self.config.start, int(now_s * 1000)) // 1000, "to": None, "offset": 0,
+            cursor = {"from": self.first_ms(int(now_s * 1000), stream.name) // 1000, "to": None, "offset": 0,
                       "max_ms": None, "edge": []}
         frm, offset = int(cursor["from"]), int(cursor["offset"])
         to = cursor["to"] if cursor["to"] is not None else int(now_s - PROPAGATION_LAG_S)

@@ -16,7 +16,6 @@ from syncd.errors import MalformedResponse, RequestRejected, VendorAuthError
 from syncd.events import Event, iso_field_ms, ms_to_iso
 from syncd.http import default_error
 from syncd.settings import IxonSource as IxonConfig
-from syncd.settings import start_ms
 from syncd.sources.base import DeadLetter, FieldError, Page, Source, Stream, mapped, spoolable_text, valid
 
 API_VERSION = "2"  # required header on every call [S]
@@ -218,7 +217,7 @@ class IxonSource(Source):
         if agent not in self.tags:
             await self._load_tags(agent)
         tags = self.tags[agent]
-        cur = cursor or {"start": start_ms(self.config.start, now_ms), "wm": {}, "todo": None, "end": None}
+        cur = cursor or {"start": self.first_ms(now_ms, stream.name), "wm": {}, "todo": None, "end": None}
         first, wm = int(cur["start"]), dict(cur["wm"])
         fresh = cur["todo"] is None
         end = now_ms - DATA_LAG_S * 1000 if fresh else int(cur["end"])
@@ -288,7 +287,7 @@ class IxonSource(Source):
     async def _fetch_alerts(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
         """Occurrences since the oldest still-open one: an open event once, a close event when `rtnOn` appears."""
         agent = stream.params["agent"]
-        cur = cursor or {"since": start_ms(self.config.start, self.now_ms()), "after": None, "newest": None,
+        cur = cursor or {"since": self.first_ms(self.now_ms(), stream.name), "after": None, "newest": None,
                          "open": {}, "closed": {}}
         since, opened, closed = int(cur["since"]), dict(cur["open"]), dict(cur["closed"])
         newest = cur["newest"]

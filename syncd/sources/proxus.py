@@ -27,7 +27,6 @@ from syncd.errors import MalformedResponse, RequestRejected, VendorAuthError
 from syncd.events import Event
 from syncd.http import Response, default_error
 from syncd.settings import ProxusSource as ProxusConfig
-from syncd.settings import start_ms
 from syncd.sources.base import DeadLetter, Page, Source, Stream, loads_lenient, mapped, spoolable_text
 
 log = structlog.get_logger("syncd.proxus")
@@ -341,7 +340,7 @@ class ProxusSource(Source):
     async def _fetch_alerts(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
         """Alerts created since the watch window; new ones and status changes are emitted (same event id)."""
         now = self.now_ms()
-        cursor = cursor or {"since": start_ms(self.config.start, now), "seen": {}}
+        cursor = cursor or {"since": self.first_ms(now, stream.name), "seen": {}}
         since, seen = int(cursor["since"]), dict(cursor["seen"])
         iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since // 1000)) + f".{since % 1000:03d}Z"
         events: list[Event] = []
@@ -382,7 +381,7 @@ class ProxusSource(Source):
     async def _fetch_telemetry(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
         now = self.now_ms()
         if cursor is None:
-            frm = start_ms(self.config.start, now)
+            frm = self.first_ms(now, stream.name)
             cursor = {"done_to": frm, "floor": frm, "counts": {}, "run": None}
         if cursor["run"] is None:
             upper = now - WRITE_LAG_MS
