@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench sim clean mosquitto
+.PHONY: run test lint bench soak sim clean mosquitto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ lint: $(STAMP)
 bench: $(STAMP) mosquitto
 	$(BIN)/python bench/bench_iotopen.py
 	$(BIN)/python bench/bench_mqtt.py
+
+soak: $(STAMP) mosquitto  ## 10 minutes of chaos (SIGKILLs, outages, faults) then an exact check; SOAK_ARGS="--duration 90"
+	$(BIN)/python bench/soak.py $${SOAK_ARGS:-}
 
 sim: $(STAMP)
 	$(BIN)/syncd sim --write-config data/sim.toml
