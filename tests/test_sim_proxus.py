@@ -383,3 +383,90 @@ def test_rate_limit_option_answers_empty_429() -> None:
     assert ProxusSim(rows=100).limits == []  # none documented
     cfg = sim.source_config()
     assert cfg == {"vendor": "proxus", "base_url": sim.url, "username": "syncd", "password": "proxus-sim"}
+
+
+# -- worse than a connector may assume --------------------------------------------------------------------
+PAGE_SQL = "SELECT * FROM DeviceRawData ORDER BY Time, DeviceId, Key LIMIT 400"
+
+
+def test_cut_at_line_ends_bodies_early_at_a_newline(served: Client) -> None:
+    whole = served.sql(PAGE_SQL)[1]
+    served.sim.cut_at_line = 6
+    cuts = [served.sql(PAGE_SQL)[1] for _ in range(5)] + [served.sql("SELECT count() FROM DeviceRawData")[1]]
+    assert served.sim.cut_at_line == 0 and served.sql(PAGE_SQL)[1] == whole  # then whole again
+    for body in cuts[:5]:  # a well-formed prefix of whole lines: nothing marks it as cut
+        assert len(body) < len(whole) and whole.startswith(body) and (body == b"" or body.endswith(b"\n"))
+    assert cuts[5] == b""  # a one-line count() answer cut before its only line
+    assert served.sql("SELECT * FROM DeviceRawData WHERE Time > now()")[1] == b""  # an empty body is not cut...
+    served.sim.cut_at_line = 1
+    served.sql("SELECT * FROM DeviceRawData WHERE Time > now()")
+    assert served.sim.cut_at_line == 1  # ...and does not use one up
+
+
+def test_error_line_ends_a_200_body_with_a_clickhouse_exception(served: Client) -> None:
+    whole = served.sql(PAGE_SQL)[1].splitlines(keepends=True)
+    served.sim.error_line = 4
+    bodies = [served.sql(PAGE_SQL) for _ in range(4)]
+    assert served.sim.error_line == 0
+    forms = set()
+    for status, body in bodies:
+        *rows, last = body.splitlines(keepends=True)
+        assert status == 200 and rows == whole[: len(rows)] and last.endswith(b"\n")
+        if last.startswith(b"Code: 241. DB::Exception: Memory limit (total) exceeded"):
+            forms.add("text")
+        else:
+            assert json.loads(last)["exception"].startswith("Code: 241. DB::Exception:")
+            forms.add("json")
+        assert b"(MEMORY_LIMIT_EXCEEDED)" in last
+    assert forms == {"text", "json"}
+
+
+def test_row_cap_below_max_rows_is_silent(served: Client) -> None:
+    served.sim.row_cap = 150
+    assert len(served.rows(PAGE_SQL, max_rows=1000)) == 150
+    assert len(served.rows("SELECT * FROM DeviceRawData LIMIT 40")) == 40
+    assert served.rows("SELECT count() FROM DeviceRawData")[0]["count()"] != "150"  # one row: not capped
+
+
+def test_strict_guard_refuses_or_in_and_tuples_but_not_the_brief_query(served: Client) -> None:
+    t = lit(time.strftime("%Y-%m-%d %H:%M:%S.000", time.gmtime(served.sim.clock() - 1800)))
+    brief = (f"SELECT Time, DeviceId, DeviceName, Key, DataType, NumericValue, StringValue FROM DeviceRawData "
+             f"WHERE Time >= toDateTime64({t}, 3) AND Time < now() ORDER BY Time, DeviceId, Key LIMIT 10")
+    refused = [f"SELECT * FROM DeviceRawData WHERE Time > {t} OR (Time = {t} AND DeviceId > 2)",
+               "SELECT * FROM DeviceRawData WHERE DeviceId in (1, 2)",
+               f"SELECT * FROM DeviceRawData WHERE (Time, DeviceId) > ({t}, 2)"]
+    assert all(served.sql(q)[0] == 200 for q in [brief, *refused])
+    served.sim.strict_guard = True
+    assert len(served.rows(brief)) == 10 and served.sql(f"SELECT count() FROM DeviceRawData WHERE Time > {t}")[0] == 200
+    assert served.rows("SELECT * FROM DeviceRawData WHERE Key = 'a OR b'") == []  # words inside literals are data
+    for query in refused:
+        status, body = served.sql(query)
+        assert status == 400 and "SQL injection protection" in json.loads(body)["error"], query
+
+
+def test_late_rows_are_withheld_hours_back_until_they_land() -> None:
+    clock = FakeClock()
+    sim = ProxusSim(seed=9, clock=clock, rows=3000, history=4 * 3600, late_rows=25, late_by=7200)
+    with sims_in_thread([sim]):
+        client = Client(sim)
+        client.login()
+        before = {truth_key(*k[:1], *k[2:]) for k in _truth(sim)}
+        held = {(k[0], k[2], k[3], k[4]) for k in sim.withheld}
+        assert len(held) == 25 and not held & before
+        ages = [clock.t * 1000 - ts for *_, ts in held]
+        assert all(6_600_000 < age < 7_400_000 for age in ages), ages  # about 2 h old
+        assert len({(d, m) for _, d, m, _ in held}) > 5  # several devices and keys
+        query = "SELECT Time, DeviceId, Key FROM DeviceRawData ORDER BY Time, DeviceId, Key LIMIT 50000"
+        rows = {truth_key("telemetry", r["DeviceId"], r["Key"], parse_time(r["Time"])) for r in client.rows(query)}
+        assert not rows & held
+        reply = urllib.request.urlopen(urllib.request.Request(sim.url + "/_sim/proxus", data=b'{"land_late": true}',
+                                                              method="POST"))
+        assert json.loads(reply.read())["landed"] == 25
+        rows = {truth_key("telemetry", r["DeviceId"], r["Key"], parse_time(r["Time"])) for r in client.rows(query)}
+        assert held <= rows and {truth_key(*k[:1], *k[2:]) for k in _truth(sim)} == before | held
+    with pytest.raises(ValueError, match="late_by"):
+        ProxusSim(clock=FakeClock(), rows=100, history=3600, late_rows=3, late_by=7200)
+
+
+def _truth(sim: ProxusSim) -> list[tuple[str, str, str, str, int]]:
+    return [(t.kind, t.tenant, t.device, t.metric, t.ts_ms) for t in sim.ground_truth() if t.kind == "telemetry"]

@@ -18,6 +18,19 @@ Choices the connector must mirror (brief §8 leaves them open):
   ground_truth() leaves out the ones a sync must dead-letter and holds value None for a NaN reading.
 - Visibility: a row is readable 1 s after its Time; with `late` on, ~2.5 % of rows only 90-240 s after.
   ground_truth() = what is readable now with Time <= now - 10 s (all history when not live).
+
+Worse than a connector may assume (all off by default; constructor options, so `syncd sim --option proxus.X=...`,
+also switchable at run time as attributes or by POST /_sim/proxus):
+- `cut_at_line=N`: the next N telemetry bodies (rows or count()) end early exactly at a line boundary, anywhere
+  from before the first line to before the last: a well-formed, shorter (or empty) NDJSON body, status 200.
+- `error_line=N`: the next N telemetry bodies stop after some rows (none to all) with the exception ClickHouse
+  streams when a query fails part-way, status 200: alternately its text line (`Code: 241. DB::Exception: ...`)
+  and, as newer servers write it inside the output format, `{"exception": "Code: 241. ..."}`.
+- `row_cap=N`: the server returns at most N rows whatever LIMIT and maxRows say, without a marker.
+- `strict_guard=true`: the SQL guard also refuses OR, IN and tuple comparisons (syncd.sim.proxus_sql.Query).
+- `late_rows=N`, `late_by=S` (default 7200 s): N rows whose Time lies about S seconds before the sim started are
+  withheld until `land_late()` (or `{"land_late": true}`), as if a buffered gateway inserted them that late;
+  `withheld` lists their ground-truth keys; ground_truth() holds them only once they landed.
 """
 
 from __future__ import annotations
@@ -65,6 +78,11 @@ NATURAL = [("Time", False), ("DeviceId", False), ("Key", False)]
 INVALID_URI = "The query specified in the URI is not valid."
 ODATA_OPTIONS = {"$filter", "$select", "$top", "$skip", "$orderby", "$count"}
 M64 = (1 << 64) - 1
+# what ClickHouse streams as the last line when a query fails part-way (its headers and status 200 already sent)
+CH_EXCEPTION = ("Code: 241. DB::Exception: Memory limit (total) exceeded: would use 3.52 GiB (attempt to allocate "
+                "chunk of 4194304 bytes), maximum: 3.48 GiB. OvercommitTracker decision: Query was selected to stop by "
+                "OvercommitTracker.: While executing JSONEachRowRowOutputFormat. (MEMORY_LIMIT_EXCEEDED) "
+                "(version 23.8.2.7 (official build))")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -130,7 +148,8 @@ class ProxusSim(VendorSim):
                  late: bool = False, token_style: str = "alternate", token_ttl: float = 3600,
                  odata_page_size: int = 100, username: str = "syncd", password: str = "proxus-sim",
                  tenant: str = "proxus-sim", rate_limit: int | None = None, malformed_rows: int = 0,
-                 poison: str | list[str] = "") -> None:
+                 poison: str | list[str] = "", cut_at_line: int = 0, error_line: int = 0, row_cap: int = 0,
+                 strict_guard: bool = False, late_rows: int = 0, late_by: float = 7200.0) -> None:
         super().__init__(seed, clock=clock)
         if token_style not in ("quoted", "bare", "alternate"):
             raise ValueError("token_style must be quoted, bare or alternate")
@@ -163,6 +182,37 @@ class ProxusSim(VendorSim):
         self._poison_alerts: dict[int, str] = {}  # alert Id -> variant
         self.poisoned: list[Poisoned] = []
         self._plant(poison_list(poison, POISONS, "proxus"))
+        self.cut_at_line, self.error_line, self.row_cap, self.strict_guard = cut_at_line, error_line, row_cap, strict_guard
+        self._errors_sent = 0
+        self._held: frozenset[int] = frozenset()  # positions withheld by `late_rows` until land_late()
+        self.withheld: list[tuple[str, str, str, str, int]] = []
+        self._withhold(late_rows, late_by)
+
+    def _withhold(self, n: int, late_by: float) -> None:
+        """`late_rows`: n rows from about `late_by` seconds before the start (never a duplicated, malformed or
+        poisoned one), spread over the series, are not readable until land_late()."""
+        if n <= 0:
+            return
+        now_ms, total = int(self.clock() * 1000), self.n_ticks * self.series
+        tick = (int(self.anchor * 1000) - int(late_by * 1000) - self.t0) // self.iv
+        if tick < 0:
+            raise ValueError("late_rows: the history must reach late_by back")
+        held: set[int] = set()
+        p = tick * self.series
+        while len(held) < n:
+            if p >= total:
+                raise ValueError("late_rows: too few rows after late_by")
+            row, dup = self._row(p, now_ms)
+            if row is not None and not dup and not self._malformed(row) and (row[0], row[1], row[3]) not in self._poison_rows:
+                held.add(p)
+                self.withheld.append(("telemetry", self.tenant, str(row[1]), row[3], row[0]))
+            p += 3  # every third position: several devices and keys
+        self._held = frozenset(held)
+
+    def land_late(self) -> int:
+        """The withheld rows become readable (inserted now, their Time `late_by` in the past); returns how many."""
+        landed, self._held = len(self._held), frozenset()
+        return landed
 
     def _plant(self, variants: list[str]) -> None:
         """Per variant one row of a fitting type spread over the history (never a duplicated or malformed one)."""
@@ -203,6 +253,8 @@ class ProxusSim(VendorSim):
     # -- data ------------------------------------------------------------
     def _row(self, p: int, now_ms: int) -> tuple[Row | None, bool]:
         """Position p in natural order → (row or None when not readable yet, is-duplicated)."""
+        if self._held and p in self._held:
+            return None, False
         j, slot = divmod(p, self.series)
         ph, dev_id, name, key, dtype, base, amp = self.slots[slot]
         ts = self.t0 + j * self.iv + ph
@@ -323,7 +375,13 @@ class ProxusSim(VendorSim):
             self.late = bool(body["late"])
         if body.get("expire_tokens"):
             self.expire_tokens()
-        return web.json_response({"late": self.late, "revoked_upto": self._revoked_upto})
+        for key, kind in (("cut_at_line", int), ("error_line", int), ("row_cap", int), ("strict_guard", bool)):
+            if key in body:
+                setattr(self, key, kind(body[key]))
+        landed = self.land_late() if body.get("land_late") else 0
+        return web.json_response({"late": self.late, "revoked_upto": self._revoked_upto, "landed": landed,
+                                  "cut_at_line": self.cut_at_line, "error_line": self.error_line,
+                                  "row_cap": self.row_cap, "strict_guard": self.strict_guard})
 
     async def _h_missing(self, request: web.Request) -> web.Response:
         return self.error(404, "Not Found")
@@ -455,10 +513,12 @@ class ProxusSim(VendorSim):
         try:
             if not 1 <= max_rows <= MAX_ROWS:
                 raise SqlError(f"maxRows must be an integer between 1 and {MAX_ROWS}")
-            query = Query(text, now_ms)
+            query = Query(text, now_ms, strict=self.strict_guard)
         except SqlError as err:
             return web.json_response({"error": str(err)}, status=400)
         lines = self._execute(query, max_rows, now_ms)
+        if self.error_line > 0 or self.cut_at_line > 0:
+            lines = iter(self._worse(list(lines)))
         if self.faults.truncate > 0:  # a plain body, so the shared middleware cuts it mid-line
             return web.Response(text="".join(line + "\n" for line in lines), content_type="text/plain")
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
@@ -474,9 +534,23 @@ class ProxusSim(VendorSim):
         await response.write_eof()
         return response
 
+    def _worse(self, lines: list[str]) -> list[str]:
+        """A body's lines as the `error_line` or `cut_at_line` fault sends them (each uses up one of its count)."""
+        if self.error_line > 0:
+            self.error_line -= 1
+            self._errors_sent += 1
+            text = CH_EXCEPTION
+            return lines[: self.rng.randint(0, len(lines))] + [text if self._errors_sent % 2 else dumps({"exception": text})]
+        if lines:  # an empty body cannot end early
+            self.cut_at_line -= 1
+            return lines[: self.rng.randrange(len(lines))]
+        return lines
+
     def _execute(self, q: Query, max_rows: int, now_ms: int) -> Iterator[str]:
         """JSONEachRow lines; the result is cut at min(LIMIT, maxRows) without any marker."""
         cap = max_rows if q.limit is None else min(q.limit, max_rows)
+        if self.row_cap > 0:  # a server-side cap below what the client asked for, equally silent
+            cap = min(cap, self.row_cap)
         if cap == 0:
             return
         forward = q.order == NATURAL[: len(q.order)]

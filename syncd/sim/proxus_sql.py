@@ -154,11 +154,18 @@ class Query(Parser):
     value  := 'str' ('' or \' escapes) | [-]number | now() | toDateTime64('YYYY-MM-DD hh:mm:ss[.fff]', n[, 'UTC'])
               followed by any number of (+|-) INTERVAL n SECOND|MINUTE|HOUR|DAY|WEEK (datetimes only)
     Columns are case-sensitive, `quoted` or "quoted"; keywords, now and count are not.
+
+    `strict` is a stricter SQL injection guard (a Proxus server may have one: its rules are undocumented [S]): no
+    OR, no IN, no tuple comparison. What stays is what the brief's own query uses (brief §2.3, §7.8).
     """
 
-    def __init__(self, text: str, now_ms: int) -> None:
+    def __init__(self, text: str, now_ms: int, strict: bool = False) -> None:
         super().__init__(tokenize(text))
-        self.now_ms = now_ms
+        self.now_ms, self.strict = now_ms, strict
+        if strict:
+            word = next((t.upper() for k, t in self.toks if k == "word" and t.upper() in ("OR", "IN")), None)
+            if word:
+                raise SqlError(f"Query blocked by SQL injection protection: {word} is not allowed")
         if not self.accept("SELECT", "word"):
             raise SqlError("Only SELECT queries are allowed")
         if ("op", ";") in self.toks[:-1]:
@@ -225,6 +232,8 @@ class Query(Parser):
             self.expect(")")
             return cond
         if self.accept("("):  # tuple comparison, e.g. (Time, DeviceId, Key) > ('...', 3, 'k')
+            if self.strict:
+                raise SqlError("Query blocked by SQL injection protection: tuple comparisons are not allowed")
             cols = self.listof(self.column)
             self.expect(")")
             fn, sym = self.cmp_op()
