@@ -162,39 +162,61 @@ class MqttSink(Sink):
         self.password = settings.password.get_secret_value() or unquote(url.password or "")
         self.prefix = topic_level(settings.prefix) if settings.prefix else "syncd"
         self.state_topic = f"{self.prefix}/_syncd/{topic_level(instance)}/state"
-        self.client: aiomqtt.Client | None = None
+        self.client: aiomqtt.Client | None = None  # connected
         self.acks: _Acks | None = None
+        self._idle: aiomqtt.Client | None = None  # never connected: the next attempt reuses it
+        self._tls_context: ssl.SSLContext | None = None  # one for every connection (it holds the loaded CA store)
+        self.clients_made = 0
         self.retained_ts: dict[str, int] = {}  # newest ts published retained per status topic
         self.published = 0
         self.skipped_old = 0
 
+    def _tls(self) -> ssl.SSLContext:
+        if self._tls_context is None:
+            s = self.settings
+            context = ssl.create_default_context(cafile=s.ca_file or None)
+            if s.cert_file:
+                context.load_cert_chain(s.cert_file, s.key_file or None)
+            if not s.tls_verify:  # an operator's explicit choice, e.g. a lab broker with a self-signed cert
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._tls_context = context
+        return self._tls_context
+
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
-        tls_context = None
-        if self.tls:
-            tls_context = ssl.create_default_context(cafile=s.ca_file or None)
-            if s.cert_file:
-                tls_context.load_cert_chain(s.cert_file, s.key_file or None)
-            if not s.tls_verify:  # an operator's explicit choice, e.g. a lab broker with a self-signed cert
-                tls_context.check_hostname = False
-                tls_context.verify_mode = ssl.CERT_NONE
-        client = aiomqtt.Client(
+        self.clients_made += 1
+        return aiomqtt.Client(
             self.host, self.port, username=self.username or None, password=self.password or None,
             identifier=s.client_id or f"syncd-{self.instance}", clean_session=True, timeout=ACK_TIMEOUT,
-            will=aiomqtt.Will(self.state_topic, b"offline", qos=1, retain=True), tls_context=tls_context,
+            will=aiomqtt.Will(self.state_topic, b"offline", qos=1, retain=True),
+            tls_context=self._tls() if self.tls else None,
             max_inflight_messages=0, keepalive=30,  # 0: unlimited in paho; our window bounds it, and paho skips a per-ack scan
         )
-        return client
 
     async def open(self) -> None:
+        """Connect (no-op when connected). While the broker is down every attempt reuses one client object.
+
+        A client that never connected is as good as new (aiomqtt releases it when the connect or the CONNACK
+        fails); one that was connected is closed and replaced, since aiomqtt would not wait for the next CONNACK.
+        """
         if self.client is not None:
             return
-        client = self._make_client()
+        client, self._idle = self._idle or self._make_client(), None
         try:
             await client.__aenter__()
+        except aiomqtt.MqttReentrantError:
+            raise
+        except aiomqtt.MqttError:
+            self._idle = client
+            raise
+        except BaseException:  # cancelled while connecting: its state is unknown, so it is not reused
+            await _release(client)
+            raise
+        try:
             await client.publish(self.state_topic, b"online", qos=1, retain=True)
         except BaseException:
-            await _quietly_close(client)
+            await _release(client)
             raise
         self.client, self.acks = client, _Acks(client)
         log.info("mqtt.connected", broker=f"{self.host}:{self.port}", tls=self.tls)
@@ -205,6 +227,8 @@ class MqttSink(Sink):
         Connects first (while the broker is down nothing is built), then builds every message, raising
         RowsRefused before anything is published when a row cannot become one, then publishes.
         """
+        if not any(page.get("e") for page in batch.pages):
+            return 0  # only dead letters or stream status: nothing for the bus, no need for the broker
         await self.open()
         assert self.client is not None and self.acks is not None
         messages, retained, skipped = self._messages(batch)
@@ -265,18 +289,18 @@ class MqttSink(Sink):
     async def _drop_connection(self) -> None:
         client, self.client, self.acks = self.client, None, None
         if client is not None:
-            await _quietly_close(client)
+            await _release(client)
 
     async def close(self) -> None:
         """A clean stop leaves `offline` on the state topic (the will covers an unclean one)."""
-        client, self.client, self.acks = self.client, None, None
+        client, self.client, self.acks, self._idle = self.client, None, None, None
         if client is None:
             return
         try:
             await client.publish(self.state_topic, b"offline", qos=1, retain=True, timeout=5)
         except aiomqtt.MqttError as err:
             log.warning("mqtt.offline_not_published", error=str(err))
-        await _quietly_close(client)
+        await _release(client)
 
 
 class _Acks:
@@ -329,8 +353,18 @@ class _Acks:
             raise aiomqtt.MqttError(f"{len(self.waiting)} publishes unacknowledged (connection lost or broker silent)")
 
 
-async def _quietly_close(client: aiomqtt.Client) -> None:
+async def _release(client: aiomqtt.Client) -> None:
+    """Disconnect (quietly: the connection may be gone) and empty what paho still holds for it at once: the
+    unacknowledged publishes of a failed batch would otherwise stay until the garbage collector finds the client."""
     try:
         await client.__aexit__(None, None, None)
     except Exception:  # the connection is already gone; nothing more to release
         pass
+    gone = client._disconnected
+    if gone.done() and not gone.cancelled():
+        gone.exception()  # seen here: asyncio need not log "Future exception was never retrieved"
+    paho = client._client
+    with paho._out_message_mutex:
+        paho._out_messages.clear()
+        paho._inflight_messages = 0
+    paho._out_packet.clear()
