@@ -31,9 +31,15 @@ def test_once_stores_ground_truth_then_adds_nothing(tmp_path: Path) -> None:
                                  "SELECT count() FROM syncd.sync_status FINAL WHERE ok = 1")]
     assert before == after == [[6024]] and uniq == [[6024]]
     assert status[0][0] == 6  # status + log for 3 installations
-    # every event carries the device mapping from FunctionX, with a fallback to client_id
-    (rows,) = ch(tmp_path / "data", "SELECT count() FROM syncd.events WHERE device = '' OR tenant = ''")
+    # every event's device is its installation's client id; the FunctionX mapped to its topic is in attrs
+    (rows, mapped) = ch(tmp_path / "data", "SELECT count() FROM syncd.events WHERE device = '' OR tenant = '' "
+                                           "OR device != attrs['client_id']",
+                        "SELECT uniqExact(attrs['function_id']), countIf(attrs['function_id'] = '') "
+                        "FROM syncd.events")
     assert rows == [[0]]
+    functions = {f["id"] for fns in sim.functions for f in fns}
+    unmapped = sum(1 for k in truth if not any(f["meta"]["topic_read"] == k[3] for fns in sim.functions for f in fns))
+    assert mapped == [[len(functions) + 1, unmapped]]  # one per FunctionX, and '' for the topics without one
     # one sync.finished line per job run, with counts, pages, duration and cursor
     finished = [line for line in first.stderr.splitlines() if '"sync.finished"' in line]
     assert len(finished) == 6 and all('"pages"' in f and '"cursor"' in f and '"duration_s"' in f for f in finished)

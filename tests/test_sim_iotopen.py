@@ -262,11 +262,11 @@ def test_ground_truth_matches_a_full_sync(sim: IotOpenSim) -> None:
     assert len(keys) == len(set(keys))
     got = set()
     for inst in call(sim, "GET", "/api/v2/installationinfo", {"assigned": "false"})[2]:
-        device = {f["meta"]["topic_read"]: str(f["id"]) for f in call(sim, "GET", f"/api/v2/functionx/{inst['id']}")[2]}
         for kind, rows in (("log", page_all(sim, inst["id"], limit=1000)),
                            ("status", call(sim, "GET", f"/api/v2/status/{inst['id']}")[2])):
-            for r in rows:
-                got.add(("iotopen", kind, str(r["installation_id"]), device.get(r["topic"], str(r["client_id"])),
+            for r in rows:  # every topic of an installation: device = its MQTT client id, FunctionX or not
+                assert r["client_id"] == inst["client_id"] and r["topic"].startswith(f"{inst['client_id']}/")
+                got.add(("iotopen", kind, str(r["installation_id"]), str(r["client_id"]),
                          r["topic"], round(r["timestamp"] * 1000), float(r["value"]), r.get("msg") or None))
     assert got == {tuple(vars(r).values()) for r in truth}
     assert sum(r.kind == "log" for r in truth) == 5000 and sum(r.kind == "status" for r in truth) == 24
@@ -321,3 +321,52 @@ def test_optional_rate_limit(clock: Clock) -> None:
         clock.now += 1.01
         assert call(sim, "GET", "/api/v2/installationinfo")[0] == 200
     assert IotOpenSim().limits == []  # none documented: off by default
+
+
+# -- worse than the connector assumes -------------------------------------------------------------------------------
+def test_future_stamped_values_are_filed_under_when_they_arrived() -> None:
+    clock = Clock()
+    sim = IotOpenSim(seed=5, clock=clock, installations=1, topics_per_installation=4, log_points=400,
+                     future_stamped=(365 * 86400, 200 * 365 * 86400))
+    with sims_in_thread([sim]):
+        rows = page_all(sim, 10, limit=37)
+        window = call(sim, "GET", "/api/v3beta/log/10", {"from": T0 - 86400, "to": T0, "order": "asc"})[2]
+        status = call(sim, "GET", "/api/v2/status/10")[2]
+    assert len(rows) == 402 and window["total"] == 402  # `to` = now: the log files them where they arrived
+    stamps = [round(r["timestamp"] * 1000) for r in rows]
+    ahead = [i for i, ms in enumerate(stamps) if ms > T0 * 1000]
+    assert len(ahead) == 2 and all(0 < i < 401 for i in ahead)  # among the others, with values after them
+    assert sorted(stamps[i] - stamps[i - 1] for i in ahead) == [365 * 86400_000 + 1, 200 * 365 * 86400_000 + 1]
+    assert {(r.metric, r.ts_ms) for r in sim.ground_truth() if r.kind == "log"} >= {
+        (rows[i]["topic"], stamps[i]) for i in ahead}
+    assert all(s["timestamp"] < T0 for s in status)  # an extra value is never a topic's latest
+
+
+def test_late_values_show_up_late_by_after_their_timestamp() -> None:
+    clock = Clock()
+    sim = IotOpenSim(seed=6, clock=clock, installations=1, topics_per_installation=4, log_points=400,
+                     late_by=7200.0, late_points=3)
+    late = {(e.topic.topic, e.ts_ms) for e in sim.extras}
+    with sims_in_thread([sim]):
+        before = {(r["topic"], round(r["timestamp"] * 1000)) for r in page_all(sim, 10, limit=100)}
+        clock.now += 3600  # the two stamped over an hour before the anchor show, not the newest
+        middle = {(r["topic"], round(r["timestamp"] * 1000)) for r in page_all(sim, 10, limit=100)}
+        clock.now += 3600
+        after = {(r["topic"], round(r["timestamp"] * 1000)) for r in page_all(sim, 10, limit=100)}
+    assert len(before) == 400 and not late & before
+    assert len(late & middle) == 2 and late <= after and len(after) == 403
+    assert all(T0 * 1000 - 7_200_000 < ms < T0 * 1000 - 60_000 for _, ms in late)  # stamped in the last 2 h
+    truth = {(r.metric, r.ts_ms) for r in sim.ground_truth() if r.kind == "log"}
+    assert truth == after
+
+
+def test_hidden_functions_appear_on_add_functions() -> None:
+    sim = IotOpenSim(seed=7, clock=Clock(), installations=2, topics_per_installation=8, hidden_functions=2)
+    with sims_in_thread([sim]):
+        first = [f["id"] for f in call(sim, "GET", "/api/v2/functionx/10")[2]]
+        hidden = call(sim, "GET", f"/api/v2/functionx/10/{sim.functions[0][0]['id']}")[0]
+        v2 = {r["function_id"] for r in call(sim, "GET", "/api/v2/log/10")[2]}
+        sim.add_functions()
+        later = [f["id"] for f in call(sim, "GET", "/api/v2/functionx/10")[2]]
+    assert later == [f["id"] for f in sim.functions[0]] and first == later[2:] and hidden == 404
+    assert v2 == set(first)  # the deprecated log drops rows without a FunctionX

@@ -1,9 +1,10 @@
 """IoT Open "Lynx" simulator: /api/v2 + /api/v3beta on one host, static API key or Basic login (+ SMS 2FA).
 
 Choices the connector must mirror (brief §8 leaves them open):
-- tenant = str(installation_id); device = str(FunctionX.id) of the FunctionX whose meta.topic_read == topic
-  (the sim never gives two FunctionX one topic_read), else str(client_id); metric = the full topic string;
-  ts_ms = timestamp seconds * 1000 rounded half-even; value = float(value); text = msg if non-empty, else None.
+- tenant = str(installation_id); device = str(client_id), the installation's MQTT client id, for every topic
+  (the brief's FunctionX id would change a series' key when a FunctionX is mapped to its topic later);
+  metric = the full topic string; ts_ms = timestamp seconds * 1000 rounded half-even; value = float(value);
+  text = msg if non-empty, else None.
 - A point becomes visible (status AND log) 5 s after its timestamp; ground truth holds only visible points.
 - status truth: one row per topic, its newest visible point (a live connector may also hold older "newest" rows).
 - v3 log `from` and `to` are both inclusive, compared in milliseconds; equal timestamps sort by topic position.
@@ -13,6 +14,14 @@ Choices the connector must mirror (brief §8 leaves them open):
   (a NaN literal, a `\ud83d` escape really go over the wire). `poisoned` lists them; ground_truth() leaves out the
   ones a sync must dead-letter and holds value None for a NaN reading. `envelope="data_object"` (or
   "total_string") makes every v3 log page's envelope malformed; set `sim.envelope = ""` to heal it.
+Worse than the connector assumes (all off by default; the extra points are log points only, never a topic's status):
+- `future_stamped=(YEAR, 200 * YEAR)`: per offset, one extra value from a device with a wrong clock: received
+  mid-history, stamped that many seconds after it. The log files a value under min(its timestamp, when it arrived)
+  (`from`/`to` and the order go by that), so it shows among the values received with it.
+- `late_by=7200, late_points=6`: extra values stamped within the history's last `late_by` seconds that show up in
+  the log only `late_by` after their timestamp (a gateway uploading a buffer): none is visible when the sim starts.
+- `hidden_functions=2`: the first 2 FunctionX of each installation are missing from `functionx` until
+  `add_functions()` (a mapping added after the first sync).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +112,17 @@ class Topic:
     function: dict[str, Any] | None
     jkey: int = 0  # per-group hash key of the timestamp jitter
     vkey: int = 0  # per-topic hash key of the values
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A log value outside a topic's regular series (`future_stamped`, `late_by`)."""
+
+    topic: Topic
+    j: int  # negative: never a regular point's index (its value is hashed from it)
+    ts_ms: int  # the timestamp it carries
+    filed_ms: int  # where the log files it: min(timestamp, when the cloud received it)
+    visible_ms: int  # from when the log shows it
 
 
 def _mix(*parts: int) -> int:
@@ -188,6 +209,10 @@ class IotOpenSim(VendorSim):
         rate_limit: float | None = None,
         poison: str | list[str] = "",
         envelope: str = "",
+        future_stamped: Sequence[float] = (),
+        late_by: float = 0.0,
+        late_points: int = 0,
+        hidden_functions: int = 0,
     ) -> None:
         super().__init__(seed, clock=clock)
         if installations < 1 or topics_per_installation < 1 or log_points < 0 or history <= 120:
@@ -231,6 +256,20 @@ class IotOpenSim(VendorSim):
         self._poison: dict[tuple[int, int], str] = {}  # (topic gk, point index) -> variant
         self.poisoned: list[Poisoned] = []
         self._plant(poison_list(poison, POISONS, "iotopen"))
+        self.extras: list[Extra] = []
+        self._plant_future([float(x) for x in future_stamped])
+        self._plant_late(float(late_by), int(late_points))
+        self._hidden = {f["id"] for fns in self.functions for f in fns[:max(0, hidden_functions)]}
+
+    def add_functions(self) -> None:
+        """The FunctionX held back by `hidden_functions` appear (a mapping added after the first sync)."""
+        self._hidden = set()
+
+    def _functions_of(self, i: int) -> list[dict[str, Any]]:
+        return [f for f in self.functions[i] if f["id"] not in self._hidden]
+
+    def _function(self, t: Topic) -> dict[str, Any] | None:
+        return None if t.function is None or t.function["id"] in self._hidden else t.function
 
     # -- inventory ----------------------------------------------------------------
     def _build_inventory(self, n: int, per_inst: int, ratio: float) -> None:
@@ -315,7 +354,37 @@ class IotOpenSim(VendorSim):
 
     def _keys(self, t: Topic) -> tuple[str, str, str]:
         inst = self.insts[t.inst]
-        return str(inst["id"]), str(t.function["id"]) if t.function else str(inst["client_id"]), t.topic
+        return str(inst["id"]), str(inst["client_id"]), t.topic
+
+    def _plant_future(self, offsets: list[float]) -> None:
+        """Per offset a value received right after a mid-history point of a topic, stamped `offset` s after that."""
+        n = len(self.topics)
+        for k, offset in enumerate(offsets):
+            if offset <= 0:
+                raise ValueError("future_stamped offsets are seconds ahead (> 0)")
+            t = self.topics[(3 * k + 2) % n]
+            j = (t.cap if t.cap is not None else self._count_le(t, int(self.anchor * 1000) - 60_000)) // 2
+            received = self._ts(t, j) + 1
+            self.extras.append(Extra(t, -1 - len(self.extras), received + int(offset * 1000), received,
+                                     received + PROPAGATION_MS))
+
+    def _plant_late(self, late_by: float, points: int) -> None:
+        """`points` values stamped within the last `late_by` s of history, each visible `late_by` s after its stamp."""
+        if points <= 0:
+            return
+        if late_by <= 0:
+            raise ValueError("late_points needs late_by > 0")
+        end, late_ms = int(self.anchor * 1000) - 60_000, int(late_by * 1000)
+        span = min(late_ms - 60_000, end - self.start_ms)
+        if span < points:
+            raise ValueError("late_by must leave room for the late points (more than 61 s, inside the history)")
+        n = len(self.topics)
+        for k in range(points):
+            t = self.topics[(5 * k + 1) % n]
+            ts = end - (k + 1) * span // (points + 1) + 7
+            while self._count_le(t, ts) != self._count_le(t, ts - 1):  # never on a regular point's millisecond
+                ts += 1
+            self.extras.append(Extra(t, -1 - len(self.extras), ts, ts, ts + late_ms))
 
     @staticmethod
     def _raw(t: Topic, variant: str) -> str:
@@ -384,6 +453,8 @@ class IotOpenSim(VendorSim):
     def _page(self, topics: list[Topic], from_ms: int, to_ms: int, offset: int, limit: int, desc: bool
               ) -> tuple[int, list[tuple[Topic, int, int]]]:
         """(total, page of (topic, j, ts_ms)) over the merged, time-ordered series; O(topics*log + page)."""
+        if self.extras:
+            return self._page_with_extras(topics, from_ms, to_ms, offset, limit, desc)
         hi_ms = min(to_ms, self._visible_ms())
         wins = [(t, self._count_le(t, from_ms - 1), self._count_le(t, hi_ms)) for t in topics]
         wins = [w for w in wins if w[2] > w[1]]
@@ -418,6 +489,19 @@ class IotOpenSim(VendorSim):
         if desc:
             out.reverse()
         return total, out
+
+    def _page_with_extras(self, topics: list[Topic], from_ms: int, to_ms: int, offset: int, limit: int, desc: bool
+                          ) -> tuple[int, list[tuple[Topic, int, int]]]:
+        """`_page` with the extra values filed among the regular ones: every row of the window, then the slice."""
+        hi_ms, now_ms = min(to_ms, self._visible_ms()), int(self.clock() * 1000)
+        rows = [(self._ts(t, j), t.local, 0, j, t) for t in topics
+                for j in range(self._count_le(t, from_ms - 1), self._count_le(t, hi_ms))]
+        wanted = {t.gk for t in topics}
+        rows += [(e.filed_ms, e.topic.local, 1, e.j, e.topic) for e in self.extras
+                 if e.topic.gk in wanted and from_ms <= e.filed_ms <= to_ms and e.visible_ms <= now_ms]
+        rows.sort(key=lambda r: r[:4], reverse=desc)
+        stamps = {e.j: e.ts_ms for e in self.extras}
+        return len(rows), [(t, j, stamps[j] if j < 0 else ts) for ts, _, _, j, t in rows[offset:offset + limit]]
 
     # -- auth -------------------------------------------------------------------
     def _cutoff(self) -> int | None:
@@ -519,16 +603,16 @@ class IotOpenSim(VendorSim):
                        "children": [{"id": c["id"], "name": c["name"]} for c in ORGS if c["parent"] == o["id"]]}
                       for o in ORGS])
 
-    def _modelx_list(self, store: list[list[dict[str, Any]]]) -> Any:
+    def _modelx_list(self, store: Any) -> Any:
         async def handler(request: web.Request) -> web.Response:
             self._auth(request)
-            return _json(_meta_filter(store[self._inst(request)], request.query))
+            return _json(_meta_filter(store(self._inst(request)), request.query))
         return handler
 
-    def _modelx_one(self, store: list[list[dict[str, Any]]]) -> Any:
+    def _modelx_one(self, store: Any) -> Any:
         async def handler(request: web.Request) -> web.Response:
             self._auth(request)
-            items = store[self._inst(request)]
+            items = store(self._inst(request))
             found = [x for x in items if str(x["id"]) == request.match_info["item_id"]]
             if not found:
                 raise ApiError(404, "Not found")
@@ -598,12 +682,13 @@ class IotOpenSim(VendorSim):
         _, page = self._page(topics, from_ms, to_ms, 0, limit, desc=True)
         out = []
         for t, j, ts in page:
-            if t.function is None:
+            fn = self._function(t)
+            if fn is None:
                 continue
             value, msg = self._value(t, j, ts)
-            out.append({"id": t.gk * 10_000_000 + j + 1, "function_id": t.function["id"],
-                        "function_type": t.function["type"], "log_item_type": "functionx",
-                        "name": t.function["meta"]["name"], "unit": "", "icon": "", "alarm_type": "",
+            out.append({"id": t.gk * 10_000_000 + j + 1, "function_id": fn["id"],
+                        "function_type": fn["type"], "log_item_type": "functionx",
+                        "name": fn["meta"]["name"], "unit": "", "icon": "", "alarm_type": "",
                         "value": value, "timestamp": _ts_json(ts), "value_id": "", "message": msg})
         return _json(out)
 
@@ -618,10 +703,10 @@ class IotOpenSim(VendorSim):
         r.add_get(r"/api/v2/installationinfo{slashes:/+}{client_id:\d+}", self._h_installationinfo_one)
         r.add_get("/api/v2/installation", self._h_installation)
         r.add_get("/api/v2/organization", self._h_organization)
-        r.add_get("/api/v2/devicex/{installation_id}", self._modelx_list(self.devices))
-        r.add_get("/api/v2/devicex/{installation_id}/{item_id}", self._modelx_one(self.devices))
-        r.add_get("/api/v2/functionx/{installation_id}", self._modelx_list(self.functions))
-        r.add_get("/api/v2/functionx/{installation_id}/{item_id}", self._modelx_one(self.functions))
+        r.add_get("/api/v2/devicex/{installation_id}", self._modelx_list(self.devices.__getitem__))
+        r.add_get("/api/v2/devicex/{installation_id}/{item_id}", self._modelx_one(self.devices.__getitem__))
+        r.add_get("/api/v2/functionx/{installation_id}", self._modelx_list(self._functions_of))
+        r.add_get("/api/v2/functionx/{installation_id}/{item_id}", self._modelx_one(self._functions_of))
         for path, handler in (("/api/v2/status/{installation_id}", self._h_status),
                               ("/api/v2/log/{installation_id}", self._h_log_v2),
                               ("/api/v3beta/log/{installation_id}", self._h_log_v3)):
@@ -669,6 +754,11 @@ class IotOpenSim(VendorSim):
                 rows.append(row)
             if row is not None:
                 rows.append(TruthRow("iotopen", "status", tenant, device, t.topic, row.ts_ms, row.value, row.text))
+        now_ms = int(self.clock() * 1000)
+        for e in self.extras:
+            if e.visible_ms <= now_ms:
+                value, msg = self._value(e.topic, e.j, e.ts_ms)
+                rows.append(TruthRow("iotopen", "log", *self._keys(e.topic), e.ts_ms, float(value), msg or None))
         return rows
 
     def source_config(self) -> dict[str, Any]:

@@ -325,3 +325,80 @@ def _escape_strings(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_escape_strings(v) for v in value]
     return value
+
+
+# -- late rows: a trailing re-read at a slower cadence (DESIGN.md "Late rows") ------------------------------------
+
+def late_settings(config: Any, window_s: float, every_s: float) -> tuple[int, float]:
+    """(`late_window` in ms, `reconcile_every` in s) of a source's config; the vendor's defaults where unset."""
+    window = getattr(config, "late_window", None)
+    every = getattr(config, "reconcile_every", None)
+    return int((window_s if window is None else window) * 1000), float(every_s if every is None else every)
+
+
+def reconcile_due(last: Any, now_s: float, every_s: float) -> bool:
+    """Whether a stream whose last re-read started at `last` (clock seconds; None: never) re-reads now."""
+    return not isinstance(last, int | float) or isinstance(last, bool) or now_s - last >= every_s
+
+
+def first_in_past(source: Source, now_ms: int, stream: str, back_ms: int) -> int:
+    """Where a stream with no cursor starts (`Source.first_ms`), never after now.
+
+    A resume point past now (the store's newest event was stamped ahead by a device with a wrong clock) would
+    hold the stream until that time; it starts `back_ms` before now instead.
+    """
+    first = source.first_ms(now_ms, stream)
+    return first if first <= now_ms else now_ms - back_ms
+
+
+class LateTally:
+    """Rows a stream stored per time bucket over its trailing late window, kept in its cursor (`state()`).
+
+    Forward reads `add` each row they store; a re-read `recount`s each row it finds before what the forward reads
+    had covered, and `settle(since, upto)` compares bucket by bucket: a bucket now holding more rows than were
+    stored in it holds that many late rows (they appeared after the forward read had passed their time). Only
+    buckets the re-read covered whole are compared; a partly covered one waits for the next re-read, so each late
+    row is counted once. A few dozen numbers, never the rows' keys; exact as long as the vendor deletes nothing.
+    """
+
+    BUCKETS = 48  # per late window
+
+    def __init__(self, state: Any, window_ms: int, now_ms: int) -> None:
+        self.size = max(60_000, -(-window_ms // self.BUCKETS) // 1000 * 1000)  # whole seconds, a minute at least
+        self.low, self.high = now_ms - 2 * window_ms - self.size, now_ms + window_ms  # what a re-read may compare
+        ok = isinstance(state, dict) and state.get("size") == self.size  # another window size: start again
+        self.stored = self._load(state.get("stored") if ok else None)
+        self.found = self._load(state.get("found") if ok else None)
+
+    def _load(self, counts: Any) -> dict[int, int]:
+        if not isinstance(counts, dict):
+            return {}
+        return {int(b): int(n) for b, n in counts.items() if self.low <= int(b) <= self.high}
+
+    def align(self, ts_ms: int) -> int:
+        """The start of the bucket holding `ts_ms` (a re-read starts there, so its first bucket is whole)."""
+        return ts_ms - ts_ms % self.size
+
+    def add(self, ts_ms: int) -> None:
+        b = self.align(ts_ms)
+        if self.low <= b <= self.high:
+            self.stored[b] = self.stored.get(b, 0) + 1
+
+    def recount(self, ts_ms: int) -> None:
+        b = self.align(ts_ms)
+        if self.low <= b <= self.high:
+            self.found[b] = self.found.get(b, 0) + 1
+
+    def settle(self, since_ms: int, upto_ms: int) -> int:
+        """Late rows of a re-read of [since_ms, upto_ms) that has ended; the buckets it covered whole learn its counts."""
+        late = 0
+        for b, n in self.found.items():
+            if b >= since_ms and b + self.size <= upto_ms and n > self.stored.get(b, 0):
+                late += n - self.stored.get(b, 0)
+                self.stored[b] = n
+        self.found = {}
+        return late
+
+    def state(self) -> dict[str, Any]:
+        return {"size": self.size, "stored": {str(b): n for b, n in sorted(self.stored.items())},
+                "found": {str(b): n for b, n in sorted(self.found.items())}}

@@ -1,4 +1,7 @@
-"""IoT Open Lynx: installations → FunctionX topics; `status` (latest values) and v3 `log` (history).
+"""IoT Open Lynx: installations and their topics; `status` (latest values) and v3 `log` (history).
+
+Every event of an installation has its MQTT client id as device and the full topic as metric; the FunctionX
+mapped to a topic only adds attrs (see `_label`).
 
 Brief: shared/vendors/iotopen.md. Assumptions live in the constants below.
 """
@@ -14,11 +17,28 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from syncd.errors import MalformedResponse, VendorAuthError
 from syncd.events import Event, seconds_to_ms
 from syncd.settings import IotOpenSource as IotOpenConfig
-from syncd.sources.base import DeadLetter, Page, Source, Stream, mapped, spoolable_text
+from syncd.sources.base import (
+    DeadLetter,
+    LateTally,
+    Page,
+    Source,
+    Stream,
+    first_in_past,
+    late_settings,
+    mapped,
+    reconcile_due,
+    spoolable_text,
+)
 
 # Values need ~5 s to show up after publishing [S]; read the log only up to now minus this.
 PROPAGATION_LAG_S = 10
 PAGE_SIZE = 10_000  # the v3 log default; no maximum documented [S]
+# Late rows [A: none documented]: a gateway that buffers while its uplink is down uploads with the original
+# timestamps. Every RECONCILE_EVERY_S the log is re-read from LATE_WINDOW_S before what was read; a row that shows up
+# at most LATE_WINDOW_S - RECONCILE_EVERY_S (30 min) after its timestamp always arrives, up to LATE_WINDOW_S it may.
+# `late_window` and `reconcile_every` in the config override them.
+LATE_WINDOW_S = 3600.0
+RECONCILE_EVERY_S = 1800.0
 
 
 def _finite(value: Any) -> Any:
@@ -166,45 +186,75 @@ class IotOpenSource(Source):
         return Page(events, cursor, done=True, dead=dead, lag_s=0.0)
 
     async def _fetch_log(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
-        """v3 log, oldest first, `to` pinned while paging; the boundary second is re-read and filtered."""
+        """v3 log, oldest first, one window [from, to] at a time with `to` pinned while paging.
+
+        `to` is now minus PROPAGATION_LAG_S when the window opens, and the next window starts at it, whatever the
+        records' timestamps say: a device with a wrong clock may stamp a value next year, and the rows after it
+        must still arrive. The boundary second is re-read; the rows already read in it (`edge`) are skipped. Every
+        `reconcile_every` a window starts `late_window` earlier (a re-read): rows that showed up after their time
+        was read are stored (same event ids, so the overlap is free) and counted in `Page.late`.
+        """
         now_s = self.clock()
-        if cursor is None:
-            cursor = {"from": self.first_ms(int(now_s * 1000), stream.name) // 1000, "to": None, "offset": 0,
-                      "max_ms": None, "edge": []}
-        frm, offset = int(cursor["from"]), int(cursor["offset"])
-        to = cursor["to"] if cursor["to"] is not None else int(now_s - PROPAGATION_LAG_S)
-        if to <= frm:
-            return Page([], cursor, done=True, lag_s=max(0.0, now_s - frm))
+        window_ms, every = late_settings(self.config, LATE_WINDOW_S, RECONCILE_EVERY_S)
+        c = self._log_cursor(stream, cursor, now_s, window_ms)
+        tally = LateTally(c["tally"], window_ms, int(now_s * 1000))
+        if c["to"] is None:  # a new window
+            hw = c["hw"]
+            if hw is not None and reconcile_due(c["reconciled"], now_s, every):
+                since = tally.align(hw * 1000 - window_ms) // 1000
+                c = {**c, "from": min(c["from"], since), "reread": [since, hw], "reconciled": now_s}
+            upper = int(now_s - PROPAGATION_LAG_S)
+            if upper <= c["from"]:
+                return Page([], c, done=True, lag_s=max(0.0, now_s - c["from"]))
+            c = {**c, "to": upper, "offset": 0, "next_edge": []}
+        frm, to, offset = int(c["from"]), int(c["to"]), int(c["offset"])
         limit = self.config.page_size or PAGE_SIZE
         body = await self._get(
             f"/api/v3beta/log/{stream.tenant}",
             {"from": frm, "to": to, "order": "asc", "limit": limit, "offset": offset},
         )
         data, total = _log_envelope(body, stream.tenant)
-        max_ms, edge = cursor["max_ms"], set(cursor["edge"])
-        new_max, new_edge = max_ms, set(edge)
+        edge, next_edge = set(c["edge"]), set(c["next_edge"])
+        reread = c["reread"]
+        since_ms, upto_ms = (reread[0] * 1000, reread[1] * 1000) if reread else (0, 0)
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        # a dead-lettered record counts in `offset` like any other; only readable times move `max_ms`
+        # a dead-lettered record counts in `offset` like any other
         for item, event in mapped(data, dead, lambda r: self._read("log", stream.tenant, r)):
             ts_ms = event.ts_ms
             key = f"{spoolable_text(item.topic)}@{ts_ms}"
-            if max_ms is not None and (ts_ms < max_ms or (ts_ms == max_ms and key in edge)):
-                continue  # read by an earlier run (the re-read boundary second)
+            if to * 1000 <= ts_ms < (to + 1) * 1000:
+                next_edge.add(key)  # the next window re-reads this second
+            if key in edge:
+                continue  # read by the window before (the re-read boundary second)
             events.append(event)
-            if new_max is None or ts_ms > new_max:
-                new_max, new_edge = ts_ms, {key}
-            elif ts_ms == new_max:
-                new_edge.add(key)
+            if since_ms <= ts_ms < upto_ms:
+                tally.recount(ts_ms)  # a re-read row: stored before, or late
+            elif ts_ms < (to + 1) * 1000:
+                tally.add(ts_ms)  # a row stamped ahead of the window is never compared
         count = len(data)
         if count == 0 or offset + count >= total:
-            next_from = new_max // 1000 if new_max is not None else frm
-            nxt = {"from": next_from, "to": None, "offset": 0, "max_ms": new_max, "edge": sorted(new_edge)}
-            lag = max(0.0, now_s - new_max / 1000) if new_max is not None else 0.0
-            return Page(events, nxt, done=True, dead=dead, lag_s=lag)
-        nxt = {"from": frm, "to": to, "offset": offset + count, "max_ms": new_max, "edge": sorted(new_edge)}
-        lag = max(0.0, now_s - new_max / 1000) if new_max is not None else now_s - frm
-        return Page(events, nxt, done=False, dead=dead, lag_s=lag)
+            late = tally.settle(since_ms, upto_ms) if reread else 0
+            nxt = {**c, "from": to, "to": None, "offset": 0, "hw": to, "edge": sorted(next_edge), "next_edge": [],
+                   "reread": None, "tally": tally.state()}
+            return Page(events, nxt, done=True, dead=dead, lag_s=max(0.0, now_s - to), late=late)
+        nxt = {**c, "offset": offset + count, "next_edge": sorted(next_edge), "tally": tally.state()}
+        covered = c["hw"] if c["hw"] is not None else frm
+        return Page(events, nxt, done=False, dead=dead, lag_s=max(0.0, now_s - covered))
+
+    def _log_cursor(self, stream: Stream, cursor: dict[str, Any] | None, now_s: float, window_ms: int
+                    ) -> dict[str, Any]:
+        """The log cursor; a new one starts at `first_ms`, one written before re-reads existed is carried over."""
+        now_ms = int(now_s * 1000)
+        if cursor is None:
+            frm = first_in_past(self, now_ms, stream.name, window_ms) // 1000
+            return {"from": frm, "to": None, "offset": 0, "hw": None, "edge": [], "next_edge": [], "reread": None,
+                    "reconciled": now_s, "tally": None}
+        if "hw" not in cursor:  # {from, to, offset, max_ms, edge}: its `from` may have followed a future stamp
+            frm = min(int(cursor["from"]), int(now_s - PROPAGATION_LAG_S))
+            return {"from": frm, "to": None, "offset": 0, "hw": frm, "edge": list(cursor.get("edge") or []),
+                    "next_edge": [], "reread": None, "reconciled": None, "tally": None}  # re-read at once
+        return cursor
 
     def _read(self, kind: str, tenant: str, raw: Any) -> tuple[LynxValue, Event]:
         """One raw entry as (entry, event); raises on anything unreadable (the caller dead-letters it)."""
@@ -217,23 +267,28 @@ class IotOpenSource(Source):
         return item, self.event(kind, tenant, device, item.topic, item.timestamp, item.value, item.msg or None, attrs)
 
     def _label(self, tenant: str, item: LynxValue) -> tuple[str, dict[str, str]]:
-        """Device and attrs of a topic (cached: the same for every value of the topic until rediscovery)."""
+        """Device and attrs of a topic (cached: the same for every value of the topic until rediscovery).
+
+        The device is the installation's MQTT client id: every value carries it and every topic starts with it
+        [S]. The brief's FunctionX id [A] would change the key of a series when a function is mapped to its topic
+        (or remapped), so the same values read again would land twice; the function's id, type, name, unit and
+        DeviceX link go into attrs instead.
+        """
         fn = self.functions.get(tenant, {}).get(item.topic)
         inst = self.installations.get(tenant)
         attrs: dict[str, str] = {}
-        if item.client_id is not None:
-            attrs["client_id"] = str(int(item.client_id))
+        client = item.client_id if item.client_id is not None else inst.client_id if inst is not None else None
+        if client is not None:
+            attrs["client_id"] = str(int(client))
         if inst is not None and inst.organization_id is not None:
             attrs["organization_id"] = str(int(inst.organization_id))
         if fn is not None:
-            device = str(fn.id)
+            attrs["function_id"] = str(fn.id)
             attrs["function_type"] = fn.type
             for key in ("name", "unit", "device_id"):
                 if fn.meta.get(key) not in (None, ""):
                     attrs[key] = str(fn.meta[key])
-        else:
-            device = attrs.get("client_id", "")
-        return device, attrs
+        return attrs.get("client_id", ""), attrs
 
 
 def _log_envelope(body: Any, tenant: str) -> tuple[list[Any], int]:
