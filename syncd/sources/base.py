@@ -402,3 +402,100 @@ class LateTally:
     def state(self) -> dict[str, Any]:
         return {"size": self.size, "stored": {str(b): n for b, n in sorted(self.stored.items())},
                 "found": {str(b): n for b, n in sorted(self.found.items())}}
+
+
+# -- keyset paging under a silent row cap (DESIGN.md "A range ends only when the vendor says so") -----------------
+
+@dataclass
+class KeysetPaginator:
+    """Keyset paging over rows sorted by a key that several rows may share (a time), from a server that may end
+    an answer early without a marker: a row cap below the limit asked for, a body cut exactly at a line boundary.
+
+    In the spirit of dlt's paginators it holds its state (plain JSON for a cursor: `state()`, `KeysetPaginator(**s)`),
+    judges each answer (`update_state`) and says whether there is a next page. The next request asks for `limit`
+    rows from `key` on (rows at `key` included, unless `after`). Rows are kept only where an answer proves them whole:
+    - a later key proves every group before it whole: those rows are kept and the next request starts at the last
+      group's key again, since the answer may have been cut inside it;
+    - an answer of one group that fills the limit is asked again with twice the limit (up to `max_limit`);
+    - the range ends on an empty answer, or on a short one the caller confirmed to be all that was left (`whole`,
+      e.g. from a count); a short answer is never the end by its length alone. An answer the caller found not whole
+      and that proves nothing (one group, or none) is asked again. A short one-group answer the caller did not
+      confirm is kept and the next request starts after its key: right for unique keys; with shared keys a caller
+      should confirm (`short()` says when), since a cut inside the last group leaves no trace.
+    Rows whose key cannot be read (None) travel with their neighbours: `skip` counts those kept at the end of one
+    answer that may head the next one again.
+    """
+
+    key: Any
+    limit: int
+    max_limit: int
+    after: bool = False
+    base: int = 0  # the limit to come back to once past a large group (default: the first limit)
+    cap: int = 0  # the most rows the server sent when asked for more: an answer that long counts as full
+    skip: int = 0
+    retries: int = 0  # answers in a row that were not whole and proved nothing
+    done: bool = False
+
+    MAX_RETRIES: ClassVar[int] = 6
+
+    def __post_init__(self) -> None:
+        self.base = self.base or self.limit
+
+    @property
+    def has_next_page(self) -> bool:
+        return not self.done
+
+    def state(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def short(self, keys: list[Any]) -> bool:
+        """Whether this answer might be the end of the range (then `update_state` wants to know if it is `whole`)."""
+        n = len(keys)
+        if n >= self.limit:
+            return False
+        if self.cap and n >= self.cap:  # as long as the server's cap: short only if one group (nothing proven)
+            first = next((k for k in keys[self._head(keys):] if k is not None), None)
+            return first is None or first == self._tail(keys)
+        return True
+
+    def update_state(self, keys: list[Any], whole: bool | None = None) -> slice:
+        """Judge one answer by its rows' keys in order (None: unreadable); returns the rows to keep."""
+        n, head = len(keys), self._head(keys)
+        if whole or (n == 0 and whole is None):
+            self.done, self.retries = True, 0
+            return slice(head, n)
+        tail = self._tail(keys)
+        last = next((i for i in range(n - 1, head - 1, -1) if keys[i] is not None and keys[i] < tail), None)
+        if last is not None:  # more than one group: all but the last are whole
+            stop = last + 1
+            while keys[stop] is None:  # stops at the last group, which is readable
+                stop += 1
+            if whole is False:
+                self.cap = max(self.cap, n)
+            self.key, self.after, self.skip, self.limit, self.retries = tail, False, stop - last - 1, self.base, 0
+            return slice(head, stop)
+        if n >= self.limit:  # one group fills the answer: ask for more rows at once
+            if self.limit >= self.max_limit:
+                from syncd.errors import RequestRejected
+                raise RequestRejected(f"more than {self.max_limit} rows share the key {tail!r}: keyset paging cannot pass")
+            self.limit = min(self.max_limit, self.limit * 2)
+            return slice(head, head)
+        if whole is None and tail is not None:
+            self.key, self.after, self.skip, self.limit, self.retries = tail, True, 0, self.base, 0
+            return slice(head, n)
+        self.retries += 1
+        if self.retries >= self.MAX_RETRIES:
+            from syncd.errors import MalformedResponse
+            raise MalformedResponse(f"{self.retries} answers in a row from {self.key!r} ended short of what the "
+                                    "server holds (cut, or capped inside one group)")
+        return slice(head, head)
+
+    def _head(self, keys: list[Any]) -> int:
+        """Unreadable rows the last answer kept that head this one again."""
+        head = 0
+        while head < min(self.skip, len(keys)) and keys[head] is None:
+            head += 1
+        return head
+
+    def _tail(self, keys: list[Any]) -> Any:
+        return next((k for k in reversed(keys) if k is not None), None)

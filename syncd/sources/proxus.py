@@ -1,7 +1,21 @@
 """Proxus IIoT: JWT login, OData `Device` and `Alert`, and `telemetry` by keyset SQL over DeviceRawData (NDJSON).
 
 Brief: shared/vendors/proxus.md. Assumptions live in the constants below. The SQL sent to the telemetry endpoint
-is built only from integers (times, device ids, limits): no vendor or config text ever reaches a statement.
+is built only from integers (times, limits): no vendor or config text ever reaches a statement, and it uses only
+what the brief's own query does (Time compared by >= and <, joined by AND; ORDER BY; LIMIT; count()), so a
+stricter SQL guard refuses none of it (no OR, IN or tuple comparison).
+
+Telemetry pages are keyed by Time alone (`KeysetPaginator`): the server cuts at maxRows (or a lower cap of its
+own) without a marker, and a body can end early exactly at a line boundary, so a page is never the end by its
+length. Rows before the page's last Time are kept; that Time is read again. A short page ends the run's range only
+when `count()` over the range it asked for equals its lines; a ClickHouse exception line in a 200 fails the page
+(retried, then the run fails with the cursor where it was).
+
+Late rows: every run compares `count()` over the last OVERLAP_MS before its cursor with the rows it read there,
+and every `reconcile_every` (default RECONCILE_EVERY_S) over the whole `late_window` (default LATE_WINDOW_S);
+a difference re-reads from the window's start (event ids make the overlap free) and is reported as `Page.late`.
+A row that lands later than `late_window` after its Time, or between two reconciles more than `late_window` late,
+is not found.
 """
 
 from __future__ import annotations
@@ -23,11 +37,11 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from syncd.errors import MalformedResponse, RequestRejected, VendorAuthError
+from syncd.errors import MalformedResponse, VendorAuthError, VendorUnavailable
 from syncd.events import Event
 from syncd.http import Response, default_error
 from syncd.settings import ProxusSource as ProxusConfig
-from syncd.sources.base import DeadLetter, Page, Source, Stream, loads_lenient, mapped, spoolable_text
+from syncd.sources.base import DeadLetter, KeysetPaginator, Page, Source, Stream, loads_lenient, mapped, spoolable_text
 
 log = structlog.get_logger("syncd.proxus")
 
@@ -41,7 +55,10 @@ MAX_ROWS = 50_000  # the maxRows maximum [S]
 REFRESH_BEFORE_EXP_S = 60  # no refresh endpoint: log in again this long before the JWT's exp [A]
 WRITE_LAG_MS = 10_000  # inserts are micro-batched (1-5 s [D1][D2]): read only up to now minus this [A]
 OVERLAP_MS = 300_000  # inserts buffered in NATS land late: each run checks this far back for late rows [A]
-BUCKET_MS = 5_000  # resolution of the per-time row counts that tell whether late rows arrived [A]
+LATE_WINDOW_S = 3_600.0  # `late_window` default: how far back a reconcile looks for late rows [A: NATS buffering]
+RECONCILE_EVERY_S = 600.0  # `reconcile_every` default: how often the whole late window is checked [A]
+BUCKET_MS = 60_000  # resolution of the per-time row counts that tell whether late rows arrived (60 per hour) [A]
+COUNT_ATTEMPTS = 6  # a count() answer without its line (cut before it) is asked this often, then the run fails
 ODATA_TOP = 1_000  # $top per OData request; a server page size shows up as @odata.nextLink [A]
 ODATA_KEY = "Id"  # key property the OData pages are ordered by (real $metadata unseen) [A]
 ALERT_TIME = "CreatedOn"  # Alert fields are undocumented; names from the brief's assumed shape [A]
@@ -90,19 +107,37 @@ def _sql_time(ms: int) -> str:
     return f"toDateTime64('{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(ms // 1000))}.{ms % 1000:03d}', 3)"
 
 
-def page_sql(frm: int, after: tuple[int, int] | None, upper: int, limit: int) -> str:
-    """Keyset page: from `frm`, or strictly after (Time, DeviceId) `after`; Key is never part of the statement."""
-    if after is None:
-        where = f"Time >= {_sql_time(frm)}"
-    else:
-        t = _sql_time(after[0])
-        where = f"(Time > {t} OR (Time = {t} AND DeviceId > {operator.index(after[1])}))"
-    return (f"SELECT {COLUMNS} FROM DeviceRawData WHERE {where} AND Time < {_sql_time(upper)} "
+def _range(lo: int, after: bool, hi: int) -> str:
+    return f"Time {'>' if after else '>='} {_sql_time(lo)} AND Time < {_sql_time(hi)}"
+
+
+def page_sql(lo: int, after: bool, upper: int, limit: int) -> str:
+    """Keyset page from Time `lo` (rows at `lo` included unless `after`): the brief's own query (§2.3)."""
+    return (f"SELECT {COLUMNS} FROM DeviceRawData WHERE {_range(lo, after, upper)} "
             f"ORDER BY Time, DeviceId, Key LIMIT {operator.index(limit)}")
 
 
-def count_sql(lo: int, hi: int) -> str:
-    return f"SELECT count() FROM DeviceRawData WHERE Time >= {_sql_time(lo)} AND Time < {_sql_time(hi)}"
+def count_sql(lo: int, hi: int, after: bool = False) -> str:
+    return f"SELECT count() FROM DeviceRawData WHERE {_range(lo, after, hi)}"
+
+
+def server_error(line: bytes) -> str | None:
+    """The message of a ClickHouse exception line (what it streams when a query fails part-way), else None.
+
+    As text (`Code: 241. DB::Exception: ...`), or inside the output format as newer servers write it
+    (`{"exception": "Code: 241. DB::Exception: ..."}`) [A: ClickHouse HTTP behaviour; the brief is silent].
+    """
+    line = line.strip()
+    if line.startswith(b'{"exception"'):
+        try:
+            record = loads_lenient(line)
+        except ValueError:
+            return None
+        message = record.get("exception") if isinstance(record, dict) else None
+        return message if isinstance(message, str) else None
+    if line.startswith(b"Code: ") or b"DB::Exception" in line[:300]:
+        return line.decode("utf-8", "replace")
+    return None
 
 
 def jwt_claims(token: str) -> dict[str, Any] | None:
@@ -132,10 +167,21 @@ def token_text(body: bytes) -> str | None:
 def proxus_error(status: int, headers: Mapping[str, str], body: bytes, url: str) -> Exception | None:
     """Vendor answers → our errors; a 200 that is cut short (NDJSON, token) is malformed, so the client retries it."""
     if status < 300:
-        # `body` is the first line here (the client streams NDJSON and itself refuses a last line cut short)
-        if url.endswith(TELEMETRY_PATH) and body and body[:1] != b"{":
-            return MalformedResponse("telemetry answer is not NDJSON (JSONEachRow)",
-                                     status=status, body=body[-200:].decode("utf-8", "replace"), url=url)
+        if url.endswith(TELEMETRY_PATH) and body:  # the whole NDJSON body: a page is judged before any row is taken
+            if not body.endswith(b"\n"):
+                return MalformedResponse("telemetry answer cut mid-line", status=status,
+                                         body=body[-200:].decode("utf-8", "replace"), url=url)
+            end = len(body)
+            while end and body[end - 1] in b" \t\r\n":
+                end -= 1
+            last = body[body.rfind(b"\n", 0, end) + 1:end]
+            why = server_error(last)
+            if why is not None:  # rows so far, then the query died: the page is no page
+                return VendorUnavailable(f"telemetry query failed part-way (status {status}): {why[:300]}",
+                                         status=status, body=why, url=url)
+            if body[:1] != b"{" or last[:1] != b"{":
+                return MalformedResponse("telemetry answer is not NDJSON (JSONEachRow)",
+                                         status=status, body=body[:200].decode("utf-8", "replace"), url=url)
         if url.endswith(LOGIN_PATH):
             token = token_text(body)
             if token is None or ("." in token and jwt_claims(token) is None):
@@ -200,28 +246,8 @@ def _line_time(record: dict[str, Any]) -> int | None:
         return None
 
 
-def _position(record: dict[str, Any]) -> tuple[int, int] | None:
-    """(Time ms, DeviceId) of a line: its keyset position, or None when either is unreadable."""
-    ts, device = _line_time(record), record.get("DeviceId")
-    return (ts, device) if ts is not None and isinstance(device, int) and not isinstance(device, bool) else None
-
-
-def _keep(records: list[dict[str, Any]], start: int) -> tuple[int, tuple[int, int] | None, int]:
-    """For a full page: where to cut, the position to go on after, and how many unreadable lines before the cut
-    may come again at the head of the next page. The last (Time, DeviceId) group may continue in the next page, so
-    it is left for that page; unreadable lines right after the kept part are kept (they may belong to its group)."""
-    positions = [_position(r) for r in records]
-    tail = next((p for p in reversed(positions[start:]) if p is not None), None)
-    if tail is None:
-        raise MalformedResponse("a full telemetry page without one readable Time and DeviceId")
-    for i in range(len(records) - 1, start - 1, -1):
-        p = positions[i]
-        if p is not None and p < tail:
-            j = i + 1
-            while positions[j] is None:  # stops at the tail group, which is readable
-                j += 1
-            return j, p, j - i - 1
-    return start, None, 0
+def _bucket_start(ms: int) -> int:
+    return ms // BUCKET_MS * BUCKET_MS
 
 
 def _count_lines(records: list[dict[str, Any]], counts: dict[str, int], count_from: int) -> None:
@@ -375,79 +401,117 @@ class ProxusSource(Source):
         return self.event("alert", tenant, device, "alert", alert.CreatedOn, None, alert.Message, attrs)
 
     # -- telemetry ------------------------------------------------------------------------------------
-    # cursor: done_to (rows before it were scanned), counts {bucket: rows} over [floor, done_to) for the late-row
-    # check, and while a run is under way run = {from, upper, count_from, after}: `upper` is pinned for the run.
+    # cursor: done_to (rows before it were scanned), counts {bucket: lines} over [floor, done_to) for the late-row
+    # checks, reconciled_at (when the whole late window was last checked), and while a run is under way
+    # run = {from, upper, count_from, page}: `upper` is pinned for the run, `page` is its KeysetPaginator.
+
+    @property
+    def late_window_ms(self) -> int:
+        window = self.config.late_window
+        return int((LATE_WINDOW_S if window is None else window) * 1000)
+
+    @property
+    def reconcile_every_ms(self) -> int:
+        every = self.config.reconcile_every
+        return int((RECONCILE_EVERY_S if every is None else every) * 1000)
 
     async def _fetch_telemetry(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
         now = self.now_ms()
         if cursor is None:
             frm = self.first_ms(now, stream.name)
-            cursor = {"done_to": frm, "floor": frm, "counts": {}, "run": None}
+            cursor = {"done_to": frm, "floor": frm, "counts": {}, "run": None, "reconciled_at": now}
+        elif cursor.get("bucket_ms") != BUCKET_MS:  # counts of another resolution (or a run paged another way)
+            cursor.update(floor=int(cursor["done_to"]), counts={}, run=None)
+        cursor["bucket_ms"] = BUCKET_MS
+        late = 0
         if cursor["run"] is None:
             upper = now - WRITE_LAG_MS
             if upper <= int(cursor["done_to"]):
                 return Page([], cursor, done=True, lag_s=max(0.0, (now - int(cursor["done_to"])) / 1000))
-            frm = await self._late_rows_start(cursor)
-            count_from = max(int(cursor["floor"]), (upper - OVERLAP_MS) // BUCKET_MS * BUCKET_MS)
-            cursor["run"] = {"from": frm, "upper": upper, "count_from": count_from, "after": None}
+            frm, late = await self._late_rows_start(cursor, now)
+            count_from = max(int(cursor["floor"]), _bucket_start(upper - self.late_window_ms))
+            pager = KeysetPaginator(frm, self.page_size, MAX_ROWS)
+            cursor["run"] = {"from": frm, "upper": upper, "count_from": count_from, "page": pager.state()}
         run = cursor["run"]
-        after = (int(run["after"][0]), int(run["after"][1])) if run["after"] else None
-        limit, seen_unreadable = self.page_size, int(run.get("skip", 0))
+        upper, pager = int(run["upper"]), KeysetPaginator(**run["page"])
         while True:
-            records = await self._rows(page_sql(int(run["from"]), after, int(run["upper"]), limit), limit)
-            head = 0  # unreadable lines the last page already took (they sort after its position, so they come again)
-            while head < min(seen_unreadable, len(records)) and _position(records[head]) is None:
-                head += 1
-            if len(records) < limit:  # the server cuts at maxRows without a marker: only a short page is the last
-                cut, last, unreadable = len(records), None, 0
+            records = await self._rows(page_sql(int(pager.key), pager.after, upper, pager.limit), pager.limit)
+            keys = [_line_time(r) for r in records]
+            whole = None  # a short page (empty too) is the end only when count() agrees: it may be a cut or a cap
+            if pager.short(keys):
+                whole = await self._count(int(pager.key), upper, pager.after) == len(records)
+            kept = pager.update_state(keys, whole)
+            if kept.stop > kept.start or pager.done:
                 break
-            cut, last, unreadable = _keep(records, head)
-            if cut > head:
-                break
-            if limit >= MAX_ROWS:  # one device with > 50 000 keys at one millisecond: keys would have to enter the SQL
-                raise RequestRejected(f"more than {MAX_ROWS} rows share Time and DeviceId {records[0].get('DeviceId')}")
-            limit = min(MAX_ROWS, limit * 2)  # the whole page is one group: ask for more rows at once
-        events, dead = self._normalize(stream.tenant, records[head:cut], cursor["counts"], int(run["count_from"]))
-        if last is not None:
-            run.update(after=list(last), skip=unreadable)
-            return Page(events, cursor, done=False, dead=dead, lag_s=max(0.0, (now - last[0]) / 1000))
+        events, dead = self._normalize(stream.tenant, records[kept], cursor["counts"], int(run["count_from"]))
+        if not pager.done:
+            run["page"] = pager.state()
+            return Page(events, cursor, done=False, dead=dead, lag_s=max(0.0, (now - int(pager.key)) / 1000), late=late)
         floor = int(run["count_from"])
-        cursor.update(done_to=int(run["upper"]), floor=floor, run=None,
+        cursor.update(done_to=upper, floor=floor, run=None,
                       counts={b: n for b, n in cursor["counts"].items() if int(b) >= floor // BUCKET_MS})
-        return Page(events, cursor, done=True, dead=dead, lag_s=max(0.0, (now - int(cursor["done_to"])) / 1000))
+        return Page(events, cursor, done=True, dead=dead, lag_s=max(0.0, (now - upper) / 1000), late=late)
 
-    async def _late_rows_start(self, cursor: dict[str, Any]) -> int:
-        """Where this run starts: `done_to`, or the overlap window's start when the server holds rows we never saw."""
-        done_to = int(cursor["done_to"])
-        lo = max(int(cursor["floor"]), (done_to - OVERLAP_MS) // BUCKET_MS * BUCKET_MS)
-        counts = {b: n for b, n in cursor["counts"].items() if int(b) >= lo // BUCKET_MS}
-        cursor.update(floor=lo, counts=counts)
+    async def _late_rows_start(self, cursor: dict[str, Any], now: int) -> tuple[int, int]:
+        """Where this run starts, and how many late rows the server holds that no read saw.
+
+        `done_to`, unless count() over the checked window (OVERLAP_MS; the whole late window when a reconcile is
+        due) differs from the lines read there: then the window's start, and the difference is the late rows.
+        """
+        done_to, window = int(cursor["done_to"]), self.late_window_ms
+        floor = max(int(cursor["floor"]), _bucket_start(done_to - window))  # counts are kept over the late window
+        counts = {b: n for b, n in cursor["counts"].items() if int(b) >= floor // BUCKET_MS}
+        cursor.update(floor=floor, counts=counts)
+        reconcile = now - int(cursor.get("reconciled_at") or 0) >= self.reconcile_every_ms
+        if reconcile:
+            cursor["reconciled_at"] = now
+        else:
+            window = min(window, OVERLAP_MS)
+        lo = max(floor, _bucket_start(done_to - window))
         if lo >= done_to:
-            return done_to
-        rows = await self._rows(count_sql(lo, done_to), 1)
-        try:
-            stored = int(rows[0]["count()"])  # UInt64 arrives quoted
-        except (IndexError, KeyError, TypeError, ValueError):
-            raise MalformedResponse(f"count() answer unreadable: {str(rows)[:200]}") from None
-        if stored == sum(counts.values()):
-            return done_to
-        log.info("proxus.late_rows", window_s=(done_to - lo) / 1000, server_rows=stored, seen_rows=sum(counts.values()))
-        cursor["counts"] = {}
-        return lo
+            return done_to, 0
+        stored = await self._count(lo, done_to)
+        seen = sum(n for b, n in counts.items() if int(b) >= lo // BUCKET_MS)
+        if stored == seen:
+            return done_to, 0
+        late = max(0, stored - seen)
+        log.info("proxus.late_rows", window_s=(done_to - lo) / 1000, server_rows=stored, seen_rows=seen, late=late,
+                 reconcile=reconcile)
+        cursor["counts"] = {b: n for b, n in counts.items() if int(b) < lo // BUCKET_MS}  # the re-read counts again
+        return lo, late
+
+    async def _count(self, lo: int, hi: int, after: bool = False) -> int:
+        """count() of the rows in [lo, hi) (or (lo, hi)); an answer cut before its one line is asked again."""
+        for _ in range(COUNT_ATTEMPTS):
+            rows = await self._rows(count_sql(lo, hi, after), 1)
+            if rows:
+                try:
+                    return int(rows[0]["count()"])  # UInt64 arrives quoted
+                except (KeyError, TypeError, ValueError):
+                    raise MalformedResponse(f"count() answer unreadable: {str(rows)[:200]}") from None
+        raise MalformedResponse(f"count() answered without a row {COUNT_ATTEMPTS} times")
 
     async def _rows(self, sql: str, max_rows: int) -> list[dict[str, Any]]:
-        """One statement's NDJSON lines, read as they stream (the client refuses a body cut mid-line)."""
+        """One statement's NDJSON lines. The body is read whole, so the error mapping has judged all of it (cut
+        mid-line, an exception line at the end) before a line is taken."""
         resp = await self._call("POST", f"{self.config.base_url}{TELEMETRY_PATH}", params={"maxRows": str(max_rows)},
-                                json={"query": sql}, expect_lines=True)
+                                json={"query": sql})
         out = []
-        for line in resp.lines or ():
+        for line in resp.body.split(b"\n"):
             if not line.strip():
                 continue
             try:
                 record = loads_lenient(line)  # NaN, Infinity, lone surrogates: the guard decides about them
             except ValueError:
                 record = None
-            out.append(record if isinstance(record, dict) else {"_line": line.decode("utf-8", "replace")})
+            if isinstance(record, dict) and "exception" not in record:
+                out.append(record)
+                continue
+            why = server_error(line)
+            if why is not None or line[:1] != b"{":  # not a row: the query failed, or this is no JSONEachRow at all
+                raise VendorUnavailable(f"telemetry answer holds a line that is no row: {(why or repr(line))[:300]}",
+                                        body=line[:300].decode("utf-8", "replace"), url=resp.url)
+            out.append({"_line": line.decode("utf-8", "replace")})  # a row ClickHouse wrote as no valid JSON (bad UTF-8)
         return out
 
     def _normalize(self, tenant: str, records: list[dict[str, Any]], counts: dict[str, int],
