@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from syncd.errors import MalformedResponse, RequestRejected
+from syncd.errors import MalformedResponse, RequestRejected, Transient, VendorUnavailable
 from syncd.events import Event
 from syncd.sim.common import sims_in_thread
 from syncd.sim.proxus import ProxusSim
 from syncd.sim.proxus_sql import Query, SqlError
 from syncd.sources.base import DeadLetter, KeysetPaginator, Page
-from syncd.sources.proxus import RECONCILE_EVERY_S, ProxusSource
+from syncd.sources.proxus import RECONCILE_EVERY_S, ProxusSource, proxus_error
 from tests.helpers import Run, ch, stored_keys, syncd, truth_keys, write_config
 from tests.test_proxus_quirks import TELEMETRY, FakeClock, connector, keys, raw_lines, truth
 
@@ -267,3 +267,15 @@ def test_keyset_paginator_keeps_only_what_an_answer_proves() -> None:
     with pytest.raises(MalformedResponse):
         for _ in range(KeysetPaginator.MAX_RETRIES):
             stuck.update_state([], whole=False)
+
+
+def test_error_mapping_judges_the_whole_ndjson_body() -> None:
+    url, row = "https://p/api/Telemetry/execute", b'{"Time":"2025-02-25 09:36:00.000","DeviceId":1,"Key":"k"}\n'
+    text = b"Code: 241. DB::Exception: Memory limit (total) exceeded: ... (MEMORY_LIMIT_EXCEEDED) (version 23.8.2.7)\n"
+    for body in (row * 3 + text, text, row + b'{"exception": "Code: 241. DB::Exception: ..."}\n'):
+        err = proxus_error(200, {}, body, url)
+        assert isinstance(err, VendorUnavailable) and isinstance(err, Transient) and "241" in str(err), body
+    for body in (row + row[:20], row + b"<html>oops</html>\n", b"<html>\n" + row):  # cut mid-line; no NDJSON
+        assert isinstance(proxus_error(200, {}, body, url), MalformedResponse), body
+    quoting = b'{"Time":"2025-02-25 09:36:00.000","DeviceId":1,"Key":"k","StringValue":"DB::Exception"}\n'
+    assert proxus_error(200, {}, row + quoting, url) is None and proxus_error(200, {}, b"", url) is None

@@ -135,7 +135,7 @@ def server_error(line: bytes) -> str | None:
             return None
         message = record.get("exception") if isinstance(record, dict) else None
         return message if isinstance(message, str) else None
-    if line.startswith(b"Code: ") or b"DB::Exception" in line[:300]:
+    if line[:1] != b"{" and (line.startswith(b"Code: ") or b"DB::Exception" in line[:300]):  # never a row's text
         return line.decode("utf-8", "replace")
     return None
 
