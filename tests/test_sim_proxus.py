@@ -466,6 +466,9 @@ def test_late_rows_are_withheld_hours_back_until_they_land() -> None:
         assert held <= rows and _truth(sim) == before | held
     with pytest.raises(ValueError, match="late_by"):
         ProxusSim(clock=FakeClock(), rows=100, history=3600, late_rows=3, late_by=7200)
+    both = ProxusSim(clock=FakeClock(), rows=3000, history=4 * 3600, poison="surrogate_key,value_infinity",
+                     late_rows=40, late_by=3 * 3600)  # a poisoned row is never withheld too
+    assert len(both.withheld) == 40 and not {p.key for p in both.poisoned} & set(both.withheld)
 
 
 def _truth(sim: ProxusSim) -> set[tuple[str, str, str, int]]:

@@ -181,12 +181,12 @@ class ProxusSim(VendorSim):
         self._poison_rows: dict[tuple[int, int, str], str] = {}  # (Time, DeviceId, Key) -> variant
         self._poison_alerts: dict[int, str] = {}  # alert Id -> variant
         self.poisoned: list[Poisoned] = []
-        self._plant(poison_list(poison, POISONS, "proxus"))
-        self.cut_at_line, self.error_line, self.row_cap, self.strict_guard = cut_at_line, error_line, row_cap, strict_guard
-        self._errors_sent = 0
         self._held: frozenset[int] = frozenset()  # positions withheld by `late_rows` until land_late()
         self.withheld: list[tuple[str, str, str, str, int]] = []
+        self._plant(poison_list(poison, POISONS, "proxus"))
         self._withhold(late_rows, late_by)
+        self.cut_at_line, self.error_line, self.row_cap, self.strict_guard = cut_at_line, error_line, row_cap, strict_guard
+        self._errors_sent = 0
 
     def _withhold(self, n: int, late_by: float) -> None:
         """`late_rows`: n rows from about `late_by` seconds before the start (never a duplicated, malformed or
