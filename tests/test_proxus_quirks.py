@@ -167,7 +167,8 @@ async def test_max_rows_truncation_a_full_page_means_more() -> None:
     with sims_in_thread([sim]):
         async with connector(sim, page_size=100) as src:
             pages = 0
-            cursor, events = None, []
+            cursor: Any = None
+            events: list[Event] = []
             while True:
                 page = await src.fetch(TELEMETRY, cursor)
                 pages, cursor, events = pages + 1, page.cursor, events + page.events
@@ -324,5 +325,5 @@ def test_error_mapping_and_settings_guard() -> None:
     assert isinstance(expired, VendorAuthError) and "invalid_token" in str(expired)
     assert proxus_error(200, {}, b'"eyJh.eyJ', "https://p" + LOGIN) is not None  # a quoted token cut short
     with pytest.raises(ValueError, match="50000"):
-        ProxusConfig(vendor="proxus", name="p", base_url="https://p", username="u", password="x",  # type: ignore[arg-type]
-                     page_size=50_001)
+        ProxusConfig.model_validate({"vendor": "proxus", "name": "p", "base_url": "https://p", "username": "u",
+                                     "password": "x", "page_size": 50_001})

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +62,41 @@ def _exact(tmp_path: Path, sim: ProxusSim) -> int:
     return len(stored)
 
 
+@contextmanager
+def _cuts_spread(sim: ProxusSim, times: int) -> Iterator[None]:
+    """Arm one more `cut_at_line` whenever the last one was served and another body went by (a thread)."""
+    stop = threading.Event()
+
+    def rearm() -> None:
+        armed, mark = 0, len(sim.statements)
+        while armed < times and not stop.wait(0.002):
+            if sim.cut_at_line == 0 and len(sim.statements) >= mark + 2:
+                sim.cut_at_line, armed, mark = 1, armed + 1, len(sim.statements)
+
+    thread = threading.Thread(target=rearm, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_bodies_cut_exactly_at_a_line_boundary_lose_nothing(tmp_path: Path) -> None:
-    sim = ProxusSim(seed=51, rows=6000, alerts=5, cut_at_line=6)
+    sim = ProxusSim(seed=51, rows=6000, alerts=5, cut_at_line=4)  # the first page, then the count()s that judge it
     with sims_in_thread([sim]):
         cfg = _config(tmp_path, sim, "page_size = 500")
-        run = _once(cfg)
+        with _cuts_spread(sim, times=10):  # then cuts all along the run
+            run = _once(cfg)
         assert run.returncode == 0, run.stderr[-3000:]
-        assert sim.cut_at_line == 0  # every cut was served (and taken for what it is)
         assert _exact(tmp_path, sim) == 6000 + 5
         (before,) = ch(tmp_path / "data", "SELECT count() FROM syncd.events")
         again = _once(cfg)
     assert again.returncode == 0, again.stderr[-3000:]
     assert ch(tmp_path / "data", "SELECT count() FROM syncd.events") == [before]  # a rerun adds nothing
+    cut = [sql for fault, sql in sim.worsened if fault == "cut_at_line"]
+    pages = [sql for sql in cut if not sql.startswith("SELECT count()")]
+    assert len(pages) >= 3 and len(cut) - len(pages) >= 3, cut  # pages cut, and count() answers cut to nothing
 
 
 def test_an_exception_line_in_a_200_is_retried_and_then_exact(tmp_path: Path) -> None:

@@ -158,6 +158,7 @@ class ProxusSim(VendorSim):
         self.odata_page_size, self.username, self.password, self.tenant = odata_page_size, username, password, tenant
         self.anchor = clock()
         self.statements: list[str] = []  # every SQL text received, accepted or not
+        self.worsened: list[tuple[str, str]] = []  # (fault, SQL text) of each body `error_line`/`cut_at_line` changed
         self.limits = [SlidingWindowLimit(rate_limit, 1.0, clock)] if rate_limit else []  # none documented
         self.series = devices * keys_per_device
         self.n_ticks = -(-rows // self.series)  # whole ticks: every series sampled each tick
@@ -518,7 +519,7 @@ class ProxusSim(VendorSim):
             return web.json_response({"error": str(err)}, status=400)
         lines = self._execute(query, max_rows, now_ms)
         if self.error_line > 0 or self.cut_at_line > 0:
-            lines = iter(self._worse(list(lines)))
+            lines = iter(self._worse(list(lines), text))
         if self.faults.truncate > 0:  # a plain body, so the shared middleware cuts it mid-line
             return web.Response(text="".join(line + "\n" for line in lines), content_type="text/plain")
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
@@ -534,15 +535,17 @@ class ProxusSim(VendorSim):
         await response.write_eof()
         return response
 
-    def _worse(self, lines: list[str]) -> list[str]:
+    def _worse(self, lines: list[str], sql: str) -> list[str]:
         """A body's lines as the `error_line` or `cut_at_line` fault sends them (each uses up one of its count)."""
         if self.error_line > 0:
             self.error_line -= 1
             self._errors_sent += 1
+            self.worsened.append(("error_line", sql))
             text = CH_EXCEPTION
             return lines[: self.rng.randint(0, len(lines))] + [text if self._errors_sent % 2 else dumps({"exception": text})]
         if lines:  # an empty body cannot end early
             self.cut_at_line -= 1
+            self.worsened.append(("cut_at_line", sql))
             return lines[: self.rng.randrange(len(lines))]
         return lines
 
