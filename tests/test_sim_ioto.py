@@ -321,3 +321,42 @@ def test_large_backlog_is_cheap() -> None:
         cursor = base64.b64encode(b"\xfb\xff" + json.dumps({"q": 0}).encode()).decode()
         assert call(sim, "/tok/generic/find", {"_type": "Log"}, query={"next": cursor})[0] == 400
     assert time.monotonic() - started < 4
+
+
+# -- worse than the connector assumes -------------------------------------------------------------------------------
+def log_ids(sim: IotoSim, device: str, limit: int = 7) -> list[str]:
+    return [x["id"] for x in crawl(sim, "/tok/generic/find", {"_type": "Log", "deviceId": device}, limit=limit)]
+
+
+def test_log_order_newest_first_or_shuffled_serves_the_same_logs() -> None:
+    sims = [IotoSim(seed=40, devices=2, logs=60, rate_limit=None, log_order=order)
+            for order in ("oldest", "newest", "shuffled")]
+    with sims_in_thread(sims):
+        oldest, newest, shuffled = (log_ids(s, s.device_ids[0]) for s in sims)
+    assert len(oldest) == 30 and oldest == sorted(oldest)
+    assert newest == oldest[::-1] and sorted(shuffled) == oldest and shuffled not in (oldest, newest)
+    assert all(s.ground_truth() == sims[0].ground_truth() for s in sims)
+
+
+def test_future_logs_keep_their_place_and_late_logs_show_up_late() -> None:
+    clock = FakeClock()
+    sim = IotoSim(seed=41, clock=clock, devices=2, logs=60, rate_limit=None, future_logs=(3600.0, 365 * 86400.0),
+                  late_by=7200.0, late_logs=2)
+    with sims_in_thread([sim]):
+        before = log_ids(sim, sim.device_ids[0]), log_ids(sim, sim.device_ids[1])
+        clock.t += 7200
+        after = log_ids(sim, sim.device_ids[0]), log_ids(sim, sim.device_ids[1])
+    future, late = sim.extra_logs[:2], sim.extra_logs[2:]
+    assert [len(b) for b in before] == [31, 31] and [len(a) for a in after] == [31, 33]
+    for e in future:  # kept where it was written, dated ahead of the sim's start
+        ids = before[e.d]
+        i = next(i for i, x in enumerate(ids) if x.startswith(_crockford(e.ts_ms)))
+        assert all(x[:10] < _crockford(e.written_ms) for x in ids[:i]) and ids[i] == max(ids)
+        assert e.ts_ms > clock.t * 1000 - 7_200_000 and e.ts_ms - e.written_ms in (3_600_000, 365 * 86_400_000)
+    assert all(e.d == 1 and e.visible_ms == e.ts_ms + 7_200_000 for e in late)
+    truth = {r.ts_ms for r in sim.ground_truth() if r.kind == "log"}
+    assert {e.ts_ms for e in sim.extra_logs} <= truth and len(truth) == 64
+
+
+def _crockford(ms: int) -> str:
+    return "".join("0123456789ABCDEFGHJKMNPQRSTVWXYZ"[(ms >> (5 * i)) & 31] for i in range(9, -1, -1))

@@ -19,6 +19,12 @@ status and the open metric point, so compare keys only there).
 `poison="store_ts_9999,..."` (off by default, names in POISONS): per variant one Store, Log or alert item is served
 with that bad value written raw (a NaN literal, a `\ud83d` escape); `poisoned` lists them; ground_truth() leaves out
 the ones a sync must dead-letter and holds value None for a NaN reading.
+Worse than the connector assumes (all off by default): `log_order="newest"` serves each Log list newest first,
+`"shuffled"` in no order (a fixed hash of each log); `future_logs=(3600, YEAR)`: per offset one more log, written
+k + 1 minutes before the history ends by a device whose clock is that many seconds ahead (its ULID id, so its time,
+is dated ahead of the sim's start; the list keeps it where it was written, before the logs written after it);
+`late_by=7200, late_logs=4`: more logs dated within the history's last `late_by` seconds that show up only
+`late_by` after their time (by the sim's clock, live or not).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import json
 import math
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -78,6 +85,20 @@ POISONS: dict[str, tuple[str, str, str, str | None]] = {
     "log_surrogate": ("Log", "message", '"{}\\ud83d"', "text"),
     "alert_ts_negative": ("Alert", "timestamp", "-5", "timestamp"),
 }
+
+
+LOG_ORDERS = ("oldest", "newest", "shuffled")
+
+
+@dataclass(frozen=True)
+class ExtraLog:
+    """A log outside the regular series (`future_logs`, `late_by`)."""
+
+    d: int  # device index
+    written_ms: int  # where the list keeps it (when it was written)
+    ts_ms: int  # its ULID time
+    visible_ms: int  # from when the list shows it (sim clock)
+    h: int  # its hash (id, message)
 
 
 def _mix(*parts: int) -> int:
@@ -152,7 +173,9 @@ class IotoSim(VendorSim):
     def __init__(self, seed: int = 1, *, clock: Clock = time.time, live: bool = False, accounts: int = 2,
                  devices: int = 6, logs: int = 600, store_keys: int = 5, metrics: int = 3, alerts: int = 24,
                  history: float = 2 * 86400.0, metric_ms: bool = False, page_bytes: int = 1_000_000,
-                 token: str | None = None, rate_limit: int | None = 20, poison: str | list[str] = "") -> None:
+                 token: str | None = None, rate_limit: int | None = 20, poison: str | list[str] = "",
+                 log_order: str = "oldest", future_logs: Sequence[float] = (), late_by: float = 0.0,
+                 late_logs: int = 0) -> None:
         super().__init__(seed, clock=clock)
         if history < 7200 or devices < 1 or accounts < 1:
             raise ValueError("ioto sim needs history >= 7200 s and at least one device and account")
@@ -190,6 +213,43 @@ class IotoSim(VendorSim):
         self._poison: dict[tuple[str, str, str], dict[str, str]] = {}  # item identity -> {field: raw JSON text}
         self.poisoned: list[Poisoned] = []
         self._plant(poison_list(poison, POISONS, "ioto"))
+        if log_order not in LOG_ORDERS:
+            raise ValueError(f"log_order must be one of {LOG_ORDERS}")
+        self.log_order = log_order
+        self.extra_logs: list[ExtraLog] = []
+        for k, offset in enumerate(future_logs):
+            if offset <= 0:
+                raise ValueError("future_logs offsets are seconds ahead (> 0)")
+            written = self.end_ms - (k + 1) * 60_000 + 3  # near the end: dated ahead of the sim's start
+            self.extra_logs.append(ExtraLog(k % devices, written, written + int(offset * 1000), written,
+                                            _mix(seed, 70, k)))
+        if late_logs > 0:
+            late_ms = int(late_by * 1000)
+            span = min(late_ms - 60_000, self.end_ms - self.start_ms)
+            if span < late_logs:
+                raise ValueError("late_logs needs late_by of more than 61 s, inside the history")
+            for k in range(late_logs):
+                ts = self.end_ms - (k + 1) * span // (late_logs + 1) + 5
+                self.extra_logs.append(ExtraLog((2 * k + 1) % devices, ts, ts, ts + late_ms, _mix(seed, 71, k)))
+
+    def _extra_log(self, e: ExtraLog) -> dict[str, Any]:
+        msg = LOG_MESSAGES[(e.h >> 3) % len(LOG_MESSAGES)].format(n=e.h % 100)
+        return {"id": _ulid(e.ts_ms, e.h), "accountId": self.account_ids[self._acct(e.d)],
+                "deviceId": self.device_ids[e.d], "message": msg, "context": {"level": "warn", "seq": -1},
+                "updated": _iso(e.ts_ms + 1 + (e.h >> 20) % 1500), "expires": _iso(e.ts_ms + 30 * DAY_MS)}
+
+    def _log_list(self, d: int | None, n: int) -> list[dict[str, Any]]:
+        """The Log list (one device's, or all) in the served order, with the extra logs the clock shows."""
+        now = int(self.clock() * 1000)
+        devices = range(self.n_devices) if d is None else [d]
+        rows = [(self._logs.at(j)[0], 0, j, self._log(j)) for dv in devices for j in range(dv, n, self.n_devices)]
+        rows += [(e.written_ms, 1, i, self._extra_log(e)) for i, e in enumerate(self.extra_logs)
+                 if e.d in devices and e.visible_ms <= now]
+        if self.log_order == "shuffled":
+            rows.sort(key=lambda r: zlib.crc32(r[3]["id"].encode()))
+        else:
+            rows.sort(key=lambda r: r[:3], reverse=self.log_order == "newest")
+        return [r[3] for r in rows]
 
     def _plant(self, variants: list[str]) -> None:
         """Per variant one item, spread over devices, logs and alerts (a fixed history only, not live)."""
@@ -472,6 +532,13 @@ class IotoSim(VendorSim):
             total, get = (n_keys if d is not None else 0), lambda i: self._store(d, i, w)  # type: ignore[arg-type]
         elif model == "Store":
             total, get = n_dev * n_keys, lambda i: self._store(i // n_keys, i % n_keys, w)
+        elif model == "Log" and (self.extra_logs or self.log_order != "oldest"):
+            n = self._logs.count(w, self.live)
+            if "deviceId" in filters:
+                listed = self._log_list(d, n) if d is not None else []
+            else:
+                listed = self._log_list(None, n)
+            total, get = len(listed), listed.__getitem__
         elif model == "Log":
             n = self._logs.count(w, self.live)
             if "deviceId" in filters:
@@ -589,6 +656,11 @@ class IotoSim(VendorSim):
             if ts <= w:
                 add("alert", alert["accountId"], alert["context"].get("deviceId", ""), alert["name"], ts, None,
                     alert["message"])
+        now = int(self.clock() * 1000)
+        for e in self.extra_logs:
+            if e.visible_ms <= now:
+                log = self._extra_log(e)
+                add("log", log["accountId"], log["deviceId"], "log", e.ts_ms, None, log["message"])
         for p in self.poisoned:  # dead-lettered by a sync, or stored with value NULL (a NaN reading)
             row = rows.pop(p.key, None)
             if row is not None and p.field is None:

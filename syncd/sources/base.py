@@ -363,17 +363,12 @@ class LateTally:
 
     BUCKETS = 48  # per late window
 
-    def __init__(self, state: Any, window_ms: int, now_ms: int) -> None:
+    def __init__(self, state: Any, window_ms: int) -> None:
+        self.window_ms = window_ms
         self.size = max(60_000, -(-window_ms // self.BUCKETS) // 1000 * 1000)  # whole seconds, a minute at least
-        self.low, self.high = now_ms - 2 * window_ms - self.size, now_ms + window_ms  # what a re-read may compare
         ok = isinstance(state, dict) and state.get("size") == self.size  # another window size: start again
-        self.stored = self._load(state.get("stored") if ok else None)
-        self.found = self._load(state.get("found") if ok else None)
-
-    def _load(self, counts: Any) -> dict[int, int]:
-        if not isinstance(counts, dict):
-            return {}
-        return {int(b): int(n) for b, n in counts.items() if self.low <= int(b) <= self.high}
+        self.stored = _counts(state.get("stored") if ok else None)
+        self.found = _counts(state.get("found") if ok else None)
 
     def align(self, ts_ms: int) -> int:
         """The start of the bucket holding `ts_ms` (a re-read starts there, so its first bucket is whole)."""
@@ -381,13 +376,11 @@ class LateTally:
 
     def add(self, ts_ms: int) -> None:
         b = self.align(ts_ms)
-        if self.low <= b <= self.high:
-            self.stored[b] = self.stored.get(b, 0) + 1
+        self.stored[b] = self.stored.get(b, 0) + 1
 
     def recount(self, ts_ms: int) -> None:
         b = self.align(ts_ms)
-        if self.low <= b <= self.high:
-            self.found[b] = self.found.get(b, 0) + 1
+        self.found[b] = self.found.get(b, 0) + 1
 
     def settle(self, since_ms: int, upto_ms: int) -> int:
         """Late rows of a re-read of [since_ms, upto_ms) that has ended; the buckets it covered whole learn its counts."""
@@ -399,9 +392,18 @@ class LateTally:
         self.found = {}
         return late
 
-    def state(self) -> dict[str, Any]:
-        return {"size": self.size, "stored": {str(b): n for b, n in sorted(self.stored.items())},
-                "found": {str(b): n for b, n in sorted(self.found.items())}}
+    def state(self, covered_ms: int) -> dict[str, Any]:
+        """For the cursor: the buckets a re-read may still compare, the stream having read up to `covered_ms`."""
+        low, high = covered_ms - 2 * self.window_ms - self.size, covered_ms + self.window_ms
+
+        def kept(counts: dict[int, int]) -> dict[str, int]:
+            return {str(b): n for b, n in sorted(counts.items()) if low <= b <= high}
+
+        return {"size": self.size, "stored": kept(self.stored), "found": kept(self.found)}
+
+
+def _counts(counts: Any) -> dict[int, int]:
+    return {int(b): int(n) for b, n in counts.items()} if isinstance(counts, dict) else {}
 
 
 # -- keyset paging under a silent row cap (DESIGN.md "A range ends only when the vendor says so") -----------------

@@ -18,7 +18,20 @@ from syncd.errors import MalformedResponse, RateLimited, RequestRejected, Vendor
 from syncd.events import TS_MAX_MS, TS_RANGE, Event, describe_ms, parse_iso_ms
 from syncd.http import retry_after
 from syncd.settings import IotoSource as IotoConfig
-from syncd.sources.base import DeadLetter, FieldError, Page, Source, Stream, mapped, spoolable_text, valid
+from syncd.sources.base import (
+    DeadLetter,
+    FieldError,
+    LateTally,
+    Page,
+    Source,
+    Stream,
+    first_in_past,
+    late_settings,
+    mapped,
+    reconcile_due,
+    spoolable_text,
+    valid,
+)
 
 PAGE_LIMIT = 1000  # always sent: the Builder docs default `limit` to 1 [D-gen]; no maximum documented [A]
 METRIC_NAMESPACE = "Embedthis/Device"  # the only namespace metric/fetch accepts [D-met]
@@ -26,13 +39,19 @@ METRIC_STATISTIC = "avg"  # [A] one statistic per series keeps the table small; 
 METRIC_PERIOD = 300  # [A] the finest live span (5 min): its points are the closest thing to history
 MS_THRESHOLD = 1e11  # [A] point timestamps are "seconds" or "milli-seconds" depending on the document: above is ms
 DEVICE_DIMENSION = "Device"  # [A] the dimension that names a device's own series
-# [A] list order is undocumented: we rely on the primary index returning a device's Log items oldest first (their
-# ULID ids sort by time, as the simulator serves them), so "id > newest id seen" means "not read before".
+# [A] list order is undocumented [D-gen], and logs have no time filter: a pass reads a device's whole Log list, and
+# a log is new when its time (ULID, else `updated`) is after the last complete pass started (see _fetch_log). When a
+# pass from the top found the list oldest first, the next pass starts at its last page (where new logs land) and
+# checks that the order still holds; it starts again from the top when it does not.
 # Alerts do not rely on order (see _fetch_alerts) but on `timestamp` staying put when `resolved` flips [A].
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-# [A] a Log id dated more than this ahead of our clock is bogus: it must not move the cursor, or every later
-# record would look read already (ids are compared as strings)
-ULID_FUTURE_MS = 86_400_000
+LOG_SETTLE_MS = 60_000  # [A] logs dated in the last minute before a pass may still be arriving: remembered by id
+AHEAD_KEEP = 1000  # ids dated after a pass that are remembered; more (a device far ahead) are sent again, ids dedup
+# Late logs [A: none documented]: every RECONCILE_EVERY_S a pass from the top also stores the logs dated up to
+# LATE_WINDOW_S before the last pass; a log that shows up at most LATE_WINDOW_S - RECONCILE_EVERY_S (30 min) after its
+# time always arrives. `late_window` and `reconcile_every` in the config override them.
+LATE_WINDOW_S = 3600.0
+RECONCILE_EVERY_S = 1800.0
 
 
 def to_ms(value: Any) -> int:
@@ -327,36 +346,86 @@ class IotoSource(Source):
         return self.event("status", item.accountId, item.id, "connection", item.updated, None, item.connection, attrs)
 
     async def _fetch_log(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
-        """Logs have no time filter [D-gen]: page through, keep the newest id, and resume from the last page read.
+        """Logs have no time filter [D-gen] and no documented order: passes over a device's Log list.
 
-        The last page has no `next`, so the cursor keeps the `next` that fetched it: the following run re-reads
-        that page (skipping ids it has) and goes on from there.
+        `wm` is the newest log date the last complete pass saw, less LOG_SETTLE_MS: a log dated after it is new,
+        and is remembered by id (`ahead`) once stored, until the watermark passes it. Only logs dated before the
+        pass began move the watermark: a device with a wrong clock (a log dated next year) is stored, and hides no
+        log after it. A pass starts at the last page of the one before when that one found the list oldest first,
+        else at the top; a reconcile pass (every `reconcile_every`) starts at the top and also stores the logs dated
+        in the `late_window` before the watermark (ids make the overlap free), counting the ones no pass had stored.
         """
-        if cursor is None:
-            cursor = {"next": None, "last": "", "from": self.first_ms(self.now_ms(), stream.name)}
-        sent, last, frm = cursor["next"], cursor["last"], cursor["from"]
-        body = {"_type": "Log", "deviceId": stream.params["device"]}
-        items, nxt = await self._page("/generic/find", body, sent)
-        unread, future = [], self.now_ms() + ULID_FUTURE_MS
-        for raw in items:
-            raw_id = raw.get("id") if isinstance(raw, dict) else None
-            at = ulid_ms(raw_id) if isinstance(raw_id, str) else None
-            if isinstance(raw_id, str) and at is not None and at <= future:  # a broken id cannot be placed: not skipped
-                if raw_id <= last:
-                    continue  # read by an earlier run (the re-read last page)
-                last = raw_id  # a record dead-lettered below is passed like a good one
-            unread.append(raw)
+        now_s = self.clock()
+        now_ms = int(now_s * 1000)
+        window_ms, every = late_settings(self.config, LATE_WINDOW_S, RECONCILE_EVERY_S)
+        c = self._log_cursor(stream, cursor, now_s, window_ms)
+        tally = LateTally(c["tally"], window_ms)
+        p = c["pass"]
+        if p is None:  # a new pass
+            reread = reconcile_due(c["reconciled"], now_s, every)
+            since = max(c["from"], tally.align(c["wm"] - window_ms)) if reread else None
+            top = reread or not c["sorted"] or c["resume"] is None
+            p = {"next": None if top else c["resume"], "bound": now_ms, "top": top, "asc": True, "prev": "",
+                 "newest": None, "since": since, "ahead": {}}
+            if reread:
+                c = {**c, "reconciled": now_s}
+        sent, bound, since, frm, wm = p["next"], p["bound"], p["since"], c["from"], c["wm"]
+        items, nxt = await self._page("/generic/find", {"_type": "Log", "deviceId": stream.params["device"]}, sent)
+        ahead, fresh = c["ahead"], dict(p["ahead"])
+        asc, prev, newest = p["asc"], p["prev"], p["newest"]
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        newest: int | None = None
-        for event in mapped(unread, dead, self._log_event):
-            if event.ts_ms < frm:
+        for raw, event in mapped(items, dead, lambda r: (r, self._log_event(r))):
+            rid = raw["id"]
+            at, key = event.ts_ms, spoolable_text(rid)
+            if at <= bound:  # logs dated after the pass began neither move the watermark nor judge the order
+                newest = at if newest is None else max(newest, at)
+                if ulid_ms(rid) is not None:
+                    asc, prev = asc and rid >= prev, rid
+            if at < frm:
                 continue
-            newest = event.ts_ms
+            if key in ahead or key in fresh:
+                continue  # dated after the watermark, and stored already
+            if at > wm:  # new since the last pass: remembered by id until the watermark passes it
+                if len(fresh) < AHEAD_KEEP:
+                    fresh[key] = at
+            elif since is not None and at >= since:  # the late window, read again
+                events.append(event)
+                tally.recount(at)
+                continue
+            else:
+                continue  # stored by an earlier pass
             events.append(event)
-        done = nxt is None
-        lag = 0.0 if done else (max(0.0, self.clock() - newest / 1000) if newest is not None else None)
-        return Page(events, {"next": sent if done else nxt, "last": last, "from": frm}, done=done, dead=dead, lag_s=lag)
+            tally.add(at)
+        covered = max(wm, newest if newest is not None else wm)
+        fresh = {k: at for k, at in fresh.items() if at > covered - LOG_SETTLE_MS}  # what the next watermark keeps
+        if nxt is not None:
+            p = {**p, "next": nxt, "asc": asc, "prev": prev, "newest": newest, "ahead": fresh}
+            return Page(events, {**c, "pass": p, "tally": tally.state(covered)}, done=False, dead=dead)
+        if not p["top"] and not asc:  # resumed at the last page, but the list is not oldest first: from the top
+            p = {**p, "next": None, "top": True, "asc": True, "prev": "", "newest": newest, "ahead": fresh}
+            return Page(events, {**c, "sorted": False, "pass": p, "tally": tally.state(covered)}, done=False, dead=dead)
+        late = tally.settle(since, wm) if since is not None else 0
+        wm = max(wm, covered - LOG_SETTLE_MS)
+        kept = sorted(((at, k) for k, at in {**ahead, **fresh}.items() if at > wm))[:AHEAD_KEEP]
+        c = {**c, "wm": wm, "ahead": {k: at for at, k in kept}, "sorted": asc, "resume": sent, "pass": None,
+             "tally": tally.state(covered)}
+        return Page(events, c, done=True, dead=dead, lag_s=0.0, late=late)
+
+    def _log_cursor(self, stream: Stream, cursor: dict[str, Any] | None, now_s: float, window_ms: int
+                    ) -> dict[str, Any]:
+        """The log cursor; a new one starts at `first_ms`, one written before passes re-read anything is carried over."""
+        now_ms = int(now_s * 1000)
+        if cursor is None:
+            frm = first_in_past(self, now_ms, stream.name, window_ms)
+            return {"from": frm, "wm": frm - 1, "ahead": {}, "sorted": False, "resume": None, "reconciled": now_s,
+                    "pass": None, "tally": None}
+        if "wm" not in cursor:  # {next, last, from}: `last` is the newest id read, perhaps dated ahead
+            last = ulid_ms(cursor.get("last") or "")
+            wm = min(last if last is not None else cursor["from"] - 1, now_ms - LOG_SETTLE_MS)
+            return {"from": cursor["from"], "wm": wm, "ahead": {}, "sorted": False, "resume": None,
+                    "reconciled": None, "pass": None, "tally": None}  # a pass from the top that re-reads at once
+        return cursor
 
     def _log_event(self, raw: Any) -> Event:
         item = LogItem.model_validate(raw)

@@ -197,7 +197,7 @@ class IotOpenSource(Source):
         now_s = self.clock()
         window_ms, every = late_settings(self.config, LATE_WINDOW_S, RECONCILE_EVERY_S)
         c = self._log_cursor(stream, cursor, now_s, window_ms)
-        tally = LateTally(c["tally"], window_ms, int(now_s * 1000))
+        tally = LateTally(c["tally"], window_ms)
         if c["to"] is None:  # a new window
             hw = c["hw"]
             if hw is not None and reconcile_due(c["reconciled"], now_s, every):
@@ -230,15 +230,15 @@ class IotOpenSource(Source):
             events.append(event)
             if since_ms <= ts_ms < upto_ms:
                 tally.recount(ts_ms)  # a re-read row: stored before, or late
-            elif ts_ms < (to + 1) * 1000:
-                tally.add(ts_ms)  # a row stamped ahead of the window is never compared
+            else:
+                tally.add(ts_ms)
         count = len(data)
         if count == 0 or offset + count >= total:
             late = tally.settle(since_ms, upto_ms) if reread else 0
             nxt = {**c, "from": to, "to": None, "offset": 0, "hw": to, "edge": sorted(next_edge), "next_edge": [],
-                   "reread": None, "tally": tally.state()}
+                   "reread": None, "tally": tally.state(to * 1000)}
             return Page(events, nxt, done=True, dead=dead, lag_s=max(0.0, now_s - to), late=late)
-        nxt = {**c, "offset": offset + count, "next_edge": sorted(next_edge), "tally": tally.state()}
+        nxt = {**c, "offset": offset + count, "next_edge": sorted(next_edge), "tally": tally.state(to * 1000)}
         covered = c["hw"] if c["hw"] is not None else frm
         return Page(events, nxt, done=False, dead=dead, lag_s=max(0.0, now_s - covered))
 
