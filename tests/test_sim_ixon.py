@@ -370,3 +370,34 @@ async def test_faults_in_vendor_shapes(api: Api) -> None:
     api.sim.faults.update({"slow": 0.0})
     async with api.s.post(f"{api.sim.url}/_sim/faults", json={"drop": True}) as r:
         assert (await r.json())["drop"] is True
+
+
+# -- worse than the connector assumes -------------------------------------------------------------------------------
+async def datalist_times(api: Api, tag: Any) -> list[int]:
+    _, body, _ = await api.call("POST", api.href("DataList"), json=data_request(tag.obj, "v", limit=5000))
+    return [round(datetime.fromisoformat(p["time"]).timestamp() * 1000) for p in body["data"]["points"]]
+
+
+async def test_a_longer_lag_and_points_visible_out_of_order() -> None:
+    clock = FakeClock()
+    slow = IxonSim(seed=8, clock=clock, live=True, agents=1, tags_per_agent=2, points_per_tag=120, history=3600,
+                   rate_limit=None, lag=300)
+    uneven = IxonSim(seed=8, clock=clock, live=True, agents=1, tags_per_agent=2, points_per_tag=120, history=3600,
+                     rate_limit=None, lag=10, lag_max=300)
+    api, close = await serve(slow)
+    api2, close2 = await serve(uneven)
+    try:
+        tag, tag2 = slow.tags[0][0], uneven.tags[0][0]
+        times = await datalist_times(api, tag)
+        assert times == sorted(times) and max(times) <= clock.now * 1000 - 300_000 < max(times) + tag.step
+        before = await datalist_times(api2, tag2)
+        gaps = [t for t in range(tag2.t0, max(before), tag2.step) if t not in before]
+        assert gaps and min(gaps) > clock.now * 1000 - 300_000  # missing only within the last 5 minutes
+        clock.now += 300
+        after = await datalist_times(api2, tag2)
+        assert set(gaps) <= set(after) and after == sorted(after)
+        truth = {r.ts_ms for r in uneven.ground_truth() if r.kind == "telemetry" and r.metric == tag2.obj["slug"]}
+        assert truth == set(after)
+    finally:
+        await close()
+        await close2()

@@ -22,6 +22,7 @@ from typing import Any
 from syncd.sim.common import VendorSim, sims_in_thread
 from syncd.sim.ioto import LAG, IotoSim
 from syncd.sim.iotopen import YEAR, IotOpenSim
+from syncd.sim.ixon import IxonSim
 from tests.helpers import Run, ch, stored_keys, syncd, truth_keys, write_config
 
 Key = tuple[str, str, str, str, int]
@@ -197,3 +198,43 @@ def test_ioto_logs_two_hours_late_are_stored_by_the_re_read(tmp_path: Path) -> N
                   late_logs=4)
     truth = ioto_logs(tmp_path, sim, 'late_window = "3h"', 'reconcile_every = "0s"', step=7200 + 60)
     assert {e.ts_ms for e in sim.extra_logs} <= {k[4] for k in truth}
+
+
+# -- IXON -------------------------------------------------------------------------------------------------------
+
+def test_ixon_points_visible_one_to_five_minutes_late_out_of_order_are_stored_exactly(tmp_path: Path) -> None:
+    """Each point shows up 1 to 5 minutes after its time, its own delay (an upload landing point by point), while
+    the connector reads up to now minus 60 s: a point may appear after a later one of its tag was stored."""
+    clock = SimClock()
+    clock.frozen = time.time()
+    sim = IxonSim(seed=68, clock=clock, agents=2, tags_per_agent=6, points_per_tag=720, history=3600,
+                  rate_limit=None, lag=60, lag_max=300)
+    with sims_in_thread([sim]):
+        cfg = config(tmp_path, sim, 'streams = ["telemetry"]', 'reconcile_every = "0s"')  # late_window: 1 h
+        once(cfg)
+        first = assert_exact(tmp_path / "data", sim, "ixon", ("telemetry",))
+        clock.frozen += 600  # ten minutes on: every point has shown up
+        once(cfg)
+        truth = assert_exact(tmp_path / "data", sim, "ixon", ("telemetry",))
+    newest = {}
+    for k in first:
+        newest[k[2:4]] = max(newest.get(k[2:4], 0), k[4])
+    behind = [k for k in truth.keys() - first.keys() if k[4] < newest[k[2:4]]]
+    assert len(behind) > 12  # appeared after a later point of their tag had been stored: only a re-read finds them
+
+
+def test_ixon_a_lag_of_five_minutes_is_stored_exactly(tmp_path: Path) -> None:
+    """Every point shows up 5 minutes after its time, the connector assumes 60 s: it keeps asking from each tag's
+    newest stored point, so the points it asked for too early come on the next run."""
+    clock = SimClock()
+    sim = IxonSim(seed=69, clock=clock, live=True, agents=2, tags_per_agent=6, points_per_tag=360, history=3600,
+                  rate_limit=None, lag=300)
+    with sims_in_thread([sim]):
+        cfg = config(tmp_path, sim, 'streams = ["telemetry"]')
+        once(cfg)
+        first = [k for k in truth_keys(sim) if k[0] == "telemetry"]
+        time.sleep(12)  # a point every 10 s per tag
+        clock.frozen = time.time()
+        once(cfg)
+        truth = assert_exact(tmp_path / "data", sim, "ixon", ("telemetry",))
+    assert len(truth) >= len(first) + 12

@@ -13,7 +13,7 @@ Choices the connector must mirror (the brief's §8 leaves them open):
   `alarm.name` verbatim (hostile characters included), value None, text = severity, or "severity: comment"
   when the occurrence has a comment (same text on both events).
 - agent status (kind=status) is not a default stream and is not in ground_truth (its ts is poll time).
-- Data becomes visible 60 s after it happens (live) / history ends at anchor - 60 s; DataList windows are
+- Data becomes visible `lag` (60 s) after it happens (live) / history ends at anchor - lag; DataList windows are
   [start, end); a query without `limit` gets 5000; lists are ordered, cursors are opaque base64 containing
   `+` and `/` (so unencoded query strings fail); page-size above the maximum is clamped, not refused.
 - 429 bodies are text/plain (undocumented shape, no Retry-After); 500 uses the error envelope, 503 is an
@@ -21,6 +21,9 @@ Choices the connector must mirror (the brief's §8 leaves them open):
 - `poison="point_ts_9999,..."` (off by default, names in POISONS): per variant one DataList point (mid-history, of a
   tag of a fitting type) is served with that bad value written raw (a NaN literal, a `\ud83d` escape); `poisoned`
   lists them; ground_truth() leaves out the ones a sync must dead-letter and holds value None for a NaN reading.
+- Worse than the connector assumes: `lag=300` makes every point visible 5 minutes after its time; with `lag_max`
+  each point has its own lag between `lag` and `lag_max` (hashed), so one tag's points show up out of order (an
+  upload landing point by point): a point may appear after a later one of its tag has been read.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import math
 import re
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,7 +58,7 @@ from syncd.sim.common import (
     splice_raw,
 )
 
-LAG_MS = 60_000  # propagation lag: data is visible once it is this old
+LAG_MS = 60_000  # propagation lag (default of `lag`): data is visible once it is this old
 MAX_QUEUE_S = 5.0  # longest a buffered request may wait before it is refused
 MAX_LIMIT = 5000
 AGGS = {"count", "mean", "median", "mode", "spread", "sum", "first", "last", "max", "min", "raw"}
@@ -165,13 +169,16 @@ class IxonSim(VendorSim):
                  tags_per_agent: int = 24, points_per_tag: int = 240, history: float = 86400.0, alarms: int = 6,
                  page_size: int = 20, max_page_size: int = 4000,
                  rate_limit: tuple[int, int] | None = (50, 3000), buffer: int = 250,
-                 rels: dict[str, str] | None = None, poison: str | list[str] = "") -> None:
+                 rels: dict[str, str] | None = None, poison: str | list[str] = "", lag: float = LAG_MS / 1000,
+                 lag_max: float | None = None) -> None:
         super().__init__(seed, clock=clock)
         self.rels = {**self.RELS, **(rels or {})}  # rel -> path under /api/: serve a rel elsewhere to test discovery
         self.faults = IxonFaults()
         self.live, self.page_size, self.max_page_size = live, page_size, max_page_size
         self.anchor = clock()
-        self.hist_end = int(self.anchor * 1000) - LAG_MS
+        self.lag_ms = int(lag * 1000)
+        self.lag_spread = max(0, int((lag_max if lag_max is not None else lag) * 1000) - self.lag_ms)
+        self.hist_end = int(self.anchor * 1000) - self.lag_ms
         self.history_ms = max(1, int(history * 1000))
         self.alarms = max(1, alarms)
         if rate_limit:
@@ -268,7 +275,14 @@ class IxonSim(VendorSim):
 
     def _bound(self) -> int:
         """Newest visible ms: the history end, or now minus the propagation lag when live."""
-        return int(self.clock() * 1000) - LAG_MS if self.live else self.hist_end
+        return int(self.clock() * 1000) - self.lag_ms if self.live else self.hist_end
+
+    def _visible(self, tag: Tag, idx: range) -> Sequence[int]:
+        """The points of `idx` visible now: all of them unless points have their own lags (`lag_max`)."""
+        if not self.lag_spread:
+            return idx
+        now, spread, salt = int(self.clock() * 1000) - self.lag_ms, self.lag_spread + 1, tag.salt ^ 0x5EED
+        return [i for i in idx if tag.t(i) <= now - _mix(salt, i) % spread]
 
     def _count(self, tag: Tag) -> int:
         if not self.live:
@@ -276,7 +290,7 @@ class IxonSim(VendorSim):
         return max(0, (self._bound() - tag.t0) // tag.step + 1)
 
     @staticmethod
-    def _series(tag: Tag, idx: range) -> list[Any]:
+    def _series(tag: Tag, idx: Sequence[int]) -> list[Any]:
         """Values of points `idx`, in one pass per type (200k points of ground truth must stay cheap)."""
         salt, k = tag.salt, tag.k
         hs = [(x ^ (x >> 31)) * 0xBF58476D1CE4E5B9 & MASK for x in ((salt + i * GOLDEN) & MASK for i in idx)]
@@ -323,7 +337,7 @@ class IxonSim(VendorSim):
         for a, tags in enumerate(self.tags):
             dev = self.agent_objs[a]["publicId"]
             for tag in tags:  # no dedup needed: slugs are unique per agent and a tag's times are distinct
-                slug, t0, step, idx = tag.obj["slug"], tag.t0, tag.step, range(self._count(tag))
+                slug, t0, step, idx = tag.obj["slug"], tag.t0, tag.step, self._visible(tag, range(self._count(tag)))
                 if tag.type == "str":
                     out += [TruthRow("ixon", "telemetry", cid, dev, slug, t0 + i * step, None, v)
                             for i, v in zip(idx, self._series(tag, idx), strict=True)]
@@ -663,11 +677,12 @@ class IxonSim(VendorSim):
         if q.get("extendedBoundary") is True:
             lo, hi = max(0, lo - 1), min(count, hi + 1)
         if agg == "raw" and transform is None:  # the fast path, arithmetic slicing only
-            idx = range(lo, hi) if order == "asc" else range(hi - 1, lo - 1, -1)
-            idx = idx[offset:offset + limit]
+            seen = self._visible(tag, range(lo, hi))
+            idx = (seen if order == "asc" else seen[::-1])[offset:offset + limit]
             series = list(zip((tag.t(i) for i in idx), self._series(tag, idx), strict=True))
         else:
-            series = list(zip((tag.t(i) for i in range(lo, hi)), self._series(tag, range(lo, hi)), strict=True))
+            seen = self._visible(tag, range(lo, hi))
+            series = list(zip((tag.t(i) for i in seen), self._series(tag, seen), strict=True))
             if agg != "raw":
                 buckets: dict[int, list[Any]] = {}
                 for ms, v in series:

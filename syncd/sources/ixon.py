@@ -16,7 +16,20 @@ from syncd.errors import MalformedResponse, RequestRejected, VendorAuthError
 from syncd.events import Event, iso_field_ms, ms_to_iso
 from syncd.http import default_error
 from syncd.settings import IxonSource as IxonConfig
-from syncd.sources.base import DeadLetter, FieldError, Page, Source, Stream, mapped, spoolable_text, valid
+from syncd.sources.base import (
+    DeadLetter,
+    FieldError,
+    LateTally,
+    Page,
+    Source,
+    Stream,
+    first_in_past,
+    late_settings,
+    mapped,
+    reconcile_due,
+    spoolable_text,
+    valid,
+)
 
 API_VERSION = "2"  # required header on every call [S]
 # Only used when discovery does not name a rel [A: brief §1, "fall back to the paths below"].
@@ -26,6 +39,12 @@ LIST_PAGE_SIZE = 500  # `page-size`: name, default and maximum undocumented [A];
 DATALIST_LIMIT = 5000  # documented maximum points per DataList query [D-oas]
 REQUESTS_PER_POST = 20  # DataList request objects (one per tag) per POST [A: bounds one answer to 100k points]
 DATA_LAG_S = 60  # history is read up to now minus this: agents upload logged values in batches [A]
+# Late points [A: none documented]: a tag's points may become visible out of order (an agent's upload lands point by
+# point, a buffer uploaded after a reconnect). Every RECONCILE_EVERY_S a round re-reads LATE_WINDOW_S before the last
+# round's end; a point visible at most LATE_WINDOW_S - RECONCILE_EVERY_S (30 min) after its time always arrives.
+# `late_window` and `reconcile_every` in the config override them.
+LATE_WINDOW_S = 3600.0
+RECONCILE_EVERY_S = 1800.0
 REF = "v"  # the query `ref` the values come back under; one tag per request object, so one ref suffices
 AGENT_FIELDS = "publicId,name,deviceId,serialNumber,activeStatus,activeVpnSession,mqttChangedOn"
 TAG_FIELDS = "publicId,tagId,name,slug,source.publicId,retentionPolicy,variable(type,unit)"
@@ -212,22 +231,40 @@ class IxonSource(Source):
         return page
 
     async def _fetch_telemetry(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
-        """DataList per tag from its watermark; a round pins `end` and pages full tags (5000 points) by time."""
+        """DataList per tag from its watermark (the newest point stored) up to `end`, pinned for a round.
+
+        A round reads every tag from its watermark to now minus DATA_LAG_S; a tag whose answer is full (5000 points)
+        is asked again from the newest point read (`pos`). A watermark never passes `end`, whatever a point's time
+        says. Every `reconcile_every` a round starts `late_window` before the last round's end instead: points
+        that became visible after a later point of their tag had been stored (agents upload in batches, out of
+        order) are stored then (same event ids, so the overlap is free) and counted in `Page.late`.
+        """
         agent, now_ms = stream.params["agent"], self.now_ms()
         if agent not in self.tags:
             await self._load_tags(agent)
         tags = self.tags[agent]
-        cur = cursor or {"start": self.first_ms(now_ms, stream.name), "wm": {}, "todo": None, "end": None}
+        window_ms, every = late_settings(self.config, LATE_WINDOW_S, RECONCILE_EVERY_S)
+        cur = self._telemetry_cursor(stream, cursor, now_ms, window_ms)
+        tally = LateTally(cur["tally"], window_ms)
         first, wm = int(cur["start"]), dict(cur["wm"])
-        fresh = cur["todo"] is None
-        end = now_ms - DATA_LAG_S * 1000 if fresh else int(cur["end"])
-        todo = [k for k in (sorted(tags, key=int) if fresh else cur["todo"]) if k in tags and wm.get(k, first) < end]
+        if cur["todo"] is None:  # a new round
+            end, hw, reread = now_ms - DATA_LAG_S * 1000, cur["hw"], None
+            if hw is not None and reconcile_due(cur["reconciled"], now_ms / 1000, every):
+                reread = [max(first, tally.align(hw - window_ms)), hw]
+                cur = {**cur, "reconciled": now_ms / 1000}
+            todo = [k for k in sorted(tags, key=int) if wm.get(k, first) < end]
+            base = {k: wm.get(k, first - 1) for k in todo}
+            pos = {k: min(wm.get(k, first), reread[0]) if reread else wm.get(k, first) for k in todo}
+            cur = {**cur, "todo": todo, "end": end, "base": base, "pos": pos, "more": [], "reread": reread}
+        end, reread = int(cur["end"]), cur["reread"]
+        base, pos, more = dict(cur["base"]), dict(cur["pos"]), set(cur["more"])
+        todo = [k for k in cur["todo"] if k in tags]
         batch, rest = todo[:REQUESTS_PER_POST], todo[REQUESTS_PER_POST:]
         events: list[Event] = []
         dead: list[DeadLetter] = []
         again: list[str] = []
         if batch:
-            requests = [self._data_request(tags[k], wm.get(k, first), end) for k in batch]
+            requests = [self._data_request(tags[k], pos[k], end) for k in batch]
             # one request object is sent bare (answer: an object), several as a list (answer: a list) [D-oas]
             body = await self._call("POST", self._href("DataList"), json=requests[0] if len(requests) == 1 else requests)
             results = _items(body.get("data"))
@@ -239,15 +276,34 @@ class IxonSource(Source):
                 if not isinstance(points, list):  # the envelope, not a record: never taken as "no points"
                     raise MalformedResponse(f"DataList result for tag {key} without a points array",
                                             body=str(result)[:200], url=self._href("DataList"))
-                before = wm.get(key)
-                self._points(stream.tenant, agent, tags[key], points, before, wm, key, events, dead)
-                if len(points) >= DATALIST_LIMIT and wm.get(key) != before:
-                    again.append(key)  # cut at the limit: the next page starts at the newest point read
+                read = self._points(stream.tenant, agent, tags[key], points, key, end, reread, base[key],
+                                    pos[key] if key in more else None, wm, tally, events, dead)
+                if len(points) >= DATALIST_LIMIT and read is not None and read > pos[key]:
+                    pos[key] = read  # cut at the limit: the next page starts at the newest point read
+                    more.add(key)
+                    again.append(key)
         todo = again + rest
         lag = max(0.0, (now_ms - min((wm.get(k, first) for k in todo), default=end)) / 1000)
         if todo:
-            return Page(events, {"start": first, "wm": wm, "todo": todo, "end": end}, done=False, dead=dead, lag_s=lag)
-        return Page(events, {"start": first, "wm": wm, "todo": None, "end": None}, done=True, dead=dead, lag_s=lag)
+            cur = {**cur, "wm": wm, "todo": todo, "pos": pos, "more": sorted(more), "tally": tally.state(end)}
+            return Page(events, cur, done=False, dead=dead, lag_s=lag)
+        late = tally.settle(reread[0], reread[1]) if reread else 0
+        cur = {**cur, "wm": wm, "todo": None, "end": None, "base": {}, "pos": {}, "more": [], "reread": None,
+               "hw": end, "tally": tally.state(end)}
+        return Page(events, cur, done=True, dead=dead, lag_s=lag, late=late)
+
+    def _telemetry_cursor(self, stream: Stream, cursor: dict[str, Any] | None, now_ms: int, window_ms: int
+                          ) -> dict[str, Any]:
+        """The telemetry cursor; a new one starts at `first_ms`, one written before re-reads existed is carried over."""
+        fresh: dict[str, Any] = {"todo": None, "end": None, "base": {}, "pos": {}, "more": [], "reread": None,
+                                 "tally": None}
+        if cursor is None:
+            first = first_in_past(self, now_ms, stream.name, window_ms)
+            return {"start": first, "wm": {}, "hw": None, "reconciled": now_ms / 1000, **fresh}
+        if "hw" not in cursor:  # {start, wm, todo, end}: a new round, re-reading at once
+            hw = max(cursor["wm"].values(), default=int(cursor["start"]))
+            return {"start": cursor["start"], "wm": dict(cursor["wm"]), "hw": hw, "reconciled": None, **fresh}
+        return cursor
 
     @staticmethod
     def _data_request(tag: DataTag, start: int, end: int) -> dict[str, Any]:
@@ -259,16 +315,36 @@ class IxonSource(Source):
                           "queries": [{"ref": REF, "postAggr": "raw", "limit": DATALIST_LIMIT, "offset": 0,
                                        "order": "asc"}]}]}
 
-    def _points(self, tenant: str, agent: str, tag: DataTag, points: list[Any], seen: int | None, wm: dict[str, int],
-                key: str, events: list[Event], dead: list[DeadLetter]) -> None:
+    def _points(self, tenant: str, agent: str, tag: DataTag, points: list[Any], key: str, end: int,
+                reread: list[int] | None, base: int, after: int | None, wm: dict[str, int], tally: LateTally,
+                events: list[Event], dead: list[DeadLetter]) -> int | None:
+        """Events of one tag's points; returns the newest point time read before `end` (None: none).
+
+        A point at or before `base` (the watermark when the round began) was stored before, unless it is late: it
+        is stored again when the round re-reads it. `after` is where a continued page starts (its first point was
+        the previous page's last).
+        """
         attrs = self._tag_attrs(agent, tag)
         context = _point_of(agent, tag)
+        newest = None
         for point, value, text in mapped(points, dead, _point, context):
-            if seen is not None and point.time <= seen:
-                continue  # the watermark point, read again
-            events.append(self.event("telemetry", tenant, agent, tag.slug, point.time, value, text, attrs))
-            if point.time > wm.get(key, point.time - 1):
-                wm[key] = point.time
+            t = point.time
+            if t < end:
+                newest = t if newest is None else max(newest, t)
+            if after is not None and t <= after:
+                continue  # read by the page before
+            if t <= base:
+                if reread is None or t < reread[0]:
+                    continue  # the watermark point, read again
+                tally.recount(t)
+            elif t > wm.get(key, base):
+                tally.add(t)
+                if t < end:  # a point past the window (a vendor's bug) is stored, but never moves the watermark
+                    wm[key] = t
+            else:
+                continue  # stored by this round already
+            events.append(self.event("telemetry", tenant, agent, tag.slug, t, value, text, attrs))
+        return newest
 
     def _tag_attrs(self, agent: str, tag: DataTag) -> dict[str, str]:
         """Attrs of a tag's points (cached: one dict per tag until its agent's tags are re-read)."""
