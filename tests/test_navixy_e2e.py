@@ -46,8 +46,8 @@ QUERIES = {
     "metrics": "SELECT metric, count(), countIf(value IS NOT NULL), countIf(text IS NOT NULL), "
                "groupUniqArrayIf(toString(value), metric = 'is_moving') FROM syncd.events GROUP BY metric",
     "header_attrs": "SELECT attrs['version'], countIf(attrs['event_id'] != '') > 0 FROM syncd.events GROUP BY attrs['version']",
-    "devices": "SELECT DISTINCT device, attrs['device_id'], attrs['label'], attrs['model'], attrs['tracker_id'], "
-               "attrs['flow_id'] FROM syncd.events",
+    "devices": "SELECT DISTINCT device, attrs['device_id'], attrs['source_id'], attrs['label'], attrs['model'], "
+               "attrs['tracker_id'], attrs['flow_id'] FROM syncd.events",
     "dead": "SELECT reason, payload FROM syncd.dead_letter WHERE vendor = 'navixy' ORDER BY reason",
 }
 
@@ -145,18 +145,21 @@ def test_ngp_flattening_nested_location_bools_and_strings(scenario: Scenario) ->
     assert scenario.q["header_attrs"] == [["1.2", 1]]
 
 
-def test_device_is_the_source_id_not_the_tracker_id(scenario: Scenario) -> None:
+def test_device_is_the_ngp_device_id_with_source_and_tracker_ids_in_attrs(scenario: Scenario) -> None:
+    """One stable key per series: the NGP device_id every message carries (listed or not in tracker/list); the source
+    id IoT Logic uses, the tracker id, label, model and flow are attrs."""
     sim = scenario.sim
     trackers = [sim.tracker(i) for i in range(sim.n)]
     by_device = {r[0]: r[1:] for r in scenario.q["devices"]}
-    publishing = {str(sim.source_id(i)) for i in sim.publishers() if i >= 0}
+    publishing = {sim.imei(i) for i in sim.publishers() if i >= 0}
     assert set(by_device) == publishing | {sim.orphan}
-    assert not set(by_device) & {str(t["id"]) for t in trackers}
+    assert not set(by_device) & ({str(t["id"]) for t in trackers} | {str(t["source"]["id"]) for t in trackers})
     for t in trackers:
-        if str(t["source"]["id"]) in by_device:
-            assert by_device[str(t["source"]["id"])] == [t["source"]["device_id"], t["label"], t["source"]["model"],
-                                                        str(t["id"]), str(sim.flow_of(trackers.index(t)))]
-    assert by_device[sim.orphan][:2] == [sim.orphan, ""]  # not in tracker/list: the raw NGP device_id
+        if t["source"]["device_id"] in by_device:
+            assert by_device[t["source"]["device_id"]] == [t["source"]["device_id"], str(t["source"]["id"]), t["label"],
+                                                          t["source"]["model"], str(t["id"]),
+                                                          str(sim.flow_of(trackers.index(t)))]
+    assert by_device[sim.orphan][:3] == [sim.orphan, "", ""]  # not in tracker/list: no source id, no label
 
 
 def test_nvx_authorization_header_has_the_mandatory_space(scenario: Scenario) -> None:

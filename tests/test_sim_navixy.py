@@ -276,15 +276,13 @@ async def collect(url: str, got: list[aiomqtt.Message], ready: asyncio.Event, mi
 
 async def received_truth(sim: NavixySim, got: list[aiomqtt.Message]) -> set[tuple[Any, ...]]:
     async with aiohttp.ClientSession(headers={"Authorization": f"NVX {sim.api_key}"}) as http:
-        async with http.post(sim.url + "/v2/tracker/list", json={}) as r:
-            by_imei = {t["source"]["device_id"]: str(t["source"]["id"]) for t in (await r.json())["list"]}
         async with http.get(sim.url + "/v2/user/get_info") as r:
             tenant = str((await r.json())["user_info"]["id"])
     rows = set()
     for m in got:
         ngp = json.loads(m.payload)  # type: ignore[arg-type]
         ts = calendar.timegm(time.strptime(ngp["message_time"], "%Y-%m-%dT%H:%M:%SZ")) * 1000
-        device = by_imei.get(ngp["device_id"], ngp["device_id"])
+        device = ngp["device_id"]  # listed in tracker/list or not: the one id every message carries
         body = {k: v for k, v in ngp.items() if k not in ("device_id", "message_time", "version", "event_id")}
         rows |= {("navixy", "telemetry", tenant, device, metric, ts, val, text)
                  for metric, val, text in flatten("", body)}
@@ -351,3 +349,38 @@ async def test_live_publishing_and_endpoint_status(mosquitto: Any) -> None:
     poll = outage.status_truth(123)
     assert {r.device for r in poll} == {"flow:4087", "flow:4101", "flow:4123", "endpoint:1701", "endpoint:1723",
                                         "endpoint:1731"}
+
+
+# -- worse than the connector assumes -------------------------------------------------------------------------------
+def test_unlisted_trackers_appear_on_list_trackers() -> None:
+    sim = NavixySim(seed=6, trackers=7, rate_limit=None, unlisted=(0, 2))
+    with sims_in_thread([sim]):
+        first = call(sim, "POST", "/v2/tracker/list", {})[1]["list"]
+        mapping = call(sim, "GET", "/v2/iot/logic/flow/sources/mapping/list?limit=2&offset=3")[1]
+        sim.list_trackers()
+        later = call(sim, "POST", "/v2/tracker/list", {})[1]["list"]
+    assert [t["source"]["device_id"] for t in first] == [sim.imei(i) for i in (1, 3, 4, 5, 6)]
+    assert mapping["count"] == 5 and [r["device_id"] for r in mapping["list"]] == [sim.source_id(5), sim.source_id(6)]
+    assert [t["id"] for t in later] == [sim.tracker(i)["id"] for i in range(7)]
+    assert 0 in sim.publishers()  # it publishes all along
+
+
+async def test_redeliver_publishes_every_message_again(mosquitto: Any) -> None:
+    sim = NavixySim(seed=7, clock=FakeClock(), trackers=3, mqtt_url=mosquitto.url)
+    runners = await start_sims([sim])
+    got: list[aiomqtt.Message] = []
+    ready, mirrored = asyncio.Event(), asyncio.Event()
+    sub = asyncio.create_task(collect(mosquitto.url, got, ready, mirrored, want=12))
+    try:
+        await asyncio.wait_for(ready.wait(), 5)
+        await sim.publish(6)
+        truth = sim.ground_truth()
+        await sim.redeliver()
+        await asyncio.wait_for(mirrored.wait(), 5)
+        mirror = [json.loads(m.payload) for m in got if m.topic.value.endswith("-mirror")]  # type: ignore[arg-type]
+        assert len(mirror) == 12 and sorted(map(str, mirror[6:])) == sorted(map(str, mirror[:6]))
+        assert sim.ground_truth() == truth  # nothing new: the same messages again
+    finally:
+        sub.cancel()
+        for r in runners:
+            await r.cleanup()

@@ -15,6 +15,7 @@ clock stays real: it only ever sees the vendor show more).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from syncd.sim.common import VendorSim, sims_in_thread
 from syncd.sim.ioto import LAG, IotoSim
 from syncd.sim.iotopen import YEAR, IotOpenSim
 from syncd.sim.ixon import IxonSim
+from syncd.sim.navixy import NavixySim
+from tests.conftest import Mosquitto
 from tests.helpers import Run, ch, stored_keys, syncd, truth_keys, write_config
 
 Key = tuple[str, str, str, str, int]
@@ -73,10 +76,10 @@ def drop_state(data: Path) -> None:
         (data / name).unlink(missing_ok=True)
 
 
-def one_device_per_series(data: Path, vendor: str) -> list[list[Any]]:
-    """(tenant, metric) series stored under more than one device key."""
-    (rows,) = ch(data, f"SELECT tenant, metric, groupUniqArray(device) AS d FROM syncd.events FINAL "
-                       f"WHERE vendor = '{vendor}' GROUP BY tenant, metric HAVING length(d) > 1")
+def series_with_two_keys(data: Path, vendor: str, series: str = "tenant, metric") -> list[list[Any]]:
+    """Series (`series`: the columns that name one whatever its device key) stored under more than one device key."""
+    (rows,) = ch(data, f"SELECT {series}, groupUniqArray(device) AS d FROM syncd.events FINAL "
+                       f"WHERE vendor = '{vendor}' GROUP BY {series} HAVING length(d) > 1")
     return rows
 
 
@@ -141,7 +144,7 @@ def test_iotopen_a_functionx_mapped_after_the_first_sync_keeps_the_device_key(tm
         second = once(cfg)
     assert '"stream.resumed_from_sink"' in second.stderr  # the overlap hour was read again
     data = tmp_path / "data"
-    assert one_device_per_series(data, "iotopen") == []
+    assert series_with_two_keys(data, "iotopen") == []  # a topic is one series of its installation
     assert_exact(data, sim, "iotopen")
     # the mapping shows in attrs of what was read after it appeared
     (mapped,) = ch(data, "SELECT DISTINCT attrs['function_id'] FROM syncd.events FINAL "
@@ -238,3 +241,28 @@ def test_ixon_a_lag_of_five_minutes_is_stored_exactly(tmp_path: Path) -> None:
         once(cfg)
         truth = assert_exact(tmp_path / "data", sim, "ixon", ("telemetry",))
     assert len(truth) >= len(first) + 12
+
+
+# -- Navixy -----------------------------------------------------------------------------------------------------
+
+def test_navixy_a_tracker_listed_only_later_keeps_its_device_key(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Tracker 0 publishes before tracker/list lists it; once listed, QoS 1 delivers its messages again: one device
+    key per series all along, so the redelivery doubles nothing (FINAL count == ground truth)."""
+    sim = NavixySim(seed=70, trackers=5, mqtt_url=mosquitto.url, unlisted=(0,))
+    with sims_in_thread([sim]):
+        cfg = write_config(tmp_path, [sim])
+        once(cfg)  # makes the broker session: it keeps what comes while syncd is down
+        asyncio.run(sim.publish(40))
+        once(cfg)  # tracker 0 is not listed yet
+        sim.list_trackers()
+        asyncio.run(sim.redeliver())
+        asyncio.run(sim.publish(20))
+        last = once(cfg)
+    assert '"navixy.devices_not_refreshed"' not in last.stderr
+    data = tmp_path / "data"
+    assert series_with_two_keys(data, "navixy", "tenant, attrs['device_id'], metric") == []
+    truth = assert_exact(data, sim, "navixy")
+    zero = sim.imei(0)
+    assert sum(k[2] == zero for k in truth) > 40
+    (attrs,) = ch(data, f"SELECT DISTINCT attrs['source_id'] FROM syncd.events FINAL WHERE device = '{zero}'")
+    assert attrs == [[str(sim.source_id(0))]]  # what the last delivery knew of it, once listed

@@ -2,9 +2,9 @@
 
 Choices the connector must mirror where the brief's §8 leaves room (ground_truth() follows them):
 - tenant = str(user_info.id) from `GET|POST /v2/user/get_info` (the account's user id).
-- device = str(source.id) of the tracker whose `source.device_id` equals the NGP `device_id` (tracker/list);
-  one emulator ("ngp-emu-NNNN") publishes through the MQTT flow but is absent from tracker/list, so its
-  device falls back to the raw NGP `device_id`.
+- device = the NGP `device_id` (a tracker's `source.device_id`, an IMEI), the id every message carries: the
+  brief's source id would give a series a second key when tracker/list starts listing its tracker. One emulator
+  ("ngp-emu-NNNN") publishes through the MQTT flow but is never in tracker/list.
 - metric = attribute name, nested objects flattened with "." (`location.speed`); `device_id`, `message_time`,
   `version`, `event_id` are attrs, never metrics; arrays (`mobile_cells`) and JSON null produce no event.
 - ts = `message_time` (whole seconds) in ms; numbers -> value float; bools -> 1.0/0.0; strings -> text.
@@ -14,6 +14,9 @@ Choices the connector must mirror where the brief's §8 leaves room (ground_trut
 - `poison="ngp_ts_9999,..."` (off by default, names in POISONS): the messages published 6th, 17th, 28th, ... (one
   per variant) carry that bad value written raw (a NaN literal, a `\ud83d` escape); `poisoned` lists them once
   published; ground_truth() leaves out what a sync must dead-letter and holds value None for a NaN reading.
+- Worse than the connector assumes: `unlisted=(0, 2)` keeps those trackers out of tracker/list and the mapping list
+  until `list_trackers()` (a tracker list that lags the devices publishing); `redeliver()` publishes every message
+  sent so far once more (QoS 1 after a reconnect).
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class NavixySim(VendorSim):
         publish_rate: float = 2.0,
         rate_limit: int | None = 50,
         poison: str | list[str] = "",
+        unlisted: tuple[int, ...] = (),
     ) -> None:
         super().__init__(seed, clock=clock)
         self.anchor = clock()
@@ -144,6 +148,14 @@ class NavixySim(VendorSim):
         self._emitted = 0  # messages published so far (their index picks the poisoned ones)
         self._poison: dict[tuple[int, int], str] = {}  # (publisher, message second) -> variant
         self.poisoned: list[Poisoned] = []
+        self.unlisted = set(unlisted)
+
+    def list_trackers(self) -> None:
+        """The trackers held back by `unlisted` appear in tracker/list and the mapping list."""
+        self.unlisted = set()
+
+    def listed(self) -> list[int]:
+        return [i for i in range(self.n) if i not in self.unlisted]
 
     # -- generated account ------------------------------------------------
     def flow_of(self, i: int) -> int:
@@ -320,10 +332,22 @@ class NavixySim(VendorSim):
         good = holder[inner or outer]
         holder[inner or outer] = raw_json(raw.replace("{}", json.dumps(str(good))[1:-1]))
         self._poison[(p, ts)] = variant
-        device = self.orphan if p < 0 else str(self.source_id(p))
+        device = self.orphan if p < 0 else self.imei(p)
         metric = attr if named in (None, "text") else "*"
         self.poisoned.append(Poisoned(variant, ("telemetry", str(self.user_id), device, metric, ts * 1000), named, raw))
         return splice_raw(_dumps(msg)).encode()
+
+    async def redeliver(self) -> None:
+        """Every message published so far, once more (what QoS 1 may do after a reconnect)."""
+        plan = [(p, ts) for p, stamps in self._published.items() for ts in sorted(set(stamps))]
+        self._burst += 1
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [(await stack.enter_async_context(self._client(ep, f"-r{self._burst}")), ep)
+                       for ep in self._targets()]
+            for lo in range(0, len(plan), 200):
+                calls = [client.publish(t, _dumps(self.message(p, ts)).encode(), qos=ep["properties"]["qos"])
+                         for p, ts in plan[lo:lo + 200] for client, ep in clients for t in ep["properties"]["topics"]]
+                await asyncio.gather(*calls)
 
     async def publish(self, n: int) -> None:
         """Publish n NGP messages now to every topic of every enabled flow's MQTT endpoint."""
@@ -374,7 +398,7 @@ class NavixySim(VendorSim):
         rows: dict[tuple[str, str, int], TruthRow] = {}
         tenant = str(self.user_id)
         for p, stamps in list(self._published.items()):  # the live publisher may append meanwhile
-            device = self.orphan if p < 0 else str(self.source_id(p))
+            device = self.orphan if p < 0 else self.imei(p)
             for ts in set(stamps):
                 msg = self.message(p, ts)
                 variant = self._poison.get((p, ts)) if self._poison else None
@@ -432,7 +456,7 @@ class NavixySim(VendorSim):
                 {"hash": k, "label": f"key {i + 1}"} for i, (k, gone) in enumerate(self.keys.items()) if not gone]},
                 "session"),
             "/user/api_key/delete": (("POST",), self._key_delete, "session"),
-            "/tracker/list": (("GET", "POST"), lambda q: {"list": [self.tracker(i) for i in range(self.n)]}, "any"),
+            "/tracker/list": (("GET", "POST"), lambda q: {"list": [self.tracker(i) for i in self.listed()]}, "any"),
             "/iot/logic/flow/list": (("GET",), lambda q: {"list": self.flows()}, "any"),
             "/iot/logic/flow/read": (("GET",), self._flow_read, "any"),
             "/iot/logic/flow/sources/list": (("GET",), self._sources_list, "any"),
@@ -558,13 +582,13 @@ class NavixySim(VendorSim):
         if limit > 100_000:
             raise Fail(400, 212, "Requested limit is too big", [{"message": "limit must be <= 100000"}])
         titles = {f["id"]: f["title"] for f in self.flows()}
-        rows = []
-        for i in range(offset, min(self.n, offset + limit)):
+        rows, listed = [], self.listed()
+        for i in listed[offset:offset + limit]:
             t, fid = self.tracker(i), self.flow_of(i)
             rows.append({"device_id": t["source"]["id"], "device_title": t["label"],
                          "model_code": t["source"]["model"], "flow_id": fid, "flow_title": titles[fid],
                          "node_id": 1, "node_title": "Trackers"})
-        return {"list": rows, "count": self.n}
+        return {"list": rows, "count": len(listed)}
 
     def _attribute_list(self, q: dict[str, Any]) -> dict[str, Any]:
         ids = q.get("source_ids")

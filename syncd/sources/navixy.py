@@ -143,7 +143,7 @@ class NavixySource(Source):
         super().__init__(*args, **kw)
         self.root = self.config.api_root
         self.tenant = ""
-        self.devices: dict[str, tuple[str, dict[str, str]]] = {}  # NGP device_id -> (source id, attrs)
+        self.devices: dict[str, dict[str, str]] = {}  # NGP device_id -> attrs from tracker/list
         self.devices_at = float("-inf")
         self._subscription: MqttSubscription | None = None
         self._newest_ms: int | None = None
@@ -217,16 +217,17 @@ class NavixySource(Source):
             offset += len(rows)
             if not rows or offset >= int(body.get("count") or 0):
                 break
-        devices: dict[str, tuple[str, dict[str, str]]] = {}
+        devices: dict[str, dict[str, str]] = {}
         for raw in trackers:
             try:
                 t = Tracker.model_validate(raw)
             except ValidationError:
                 continue
-            attrs = {"device_id": t.source.device_id, "label": t.label, "model": t.source.model, "tracker_id": str(t.id)}
+            attrs = {"device_id": t.source.device_id, "source_id": str(t.source.id), "label": t.label,
+                     "model": t.source.model, "tracker_id": str(t.id)}
             if t.source.id in flows and flows[t.source.id].flow_id is not None:
                 attrs["flow_id"] = str(flows[t.source.id].flow_id)
-            devices[t.source.device_id] = (str(t.source.id), attrs)
+            devices[t.source.device_id] = attrs
         self.devices, self.devices_at = devices, self.clock()
 
     async def mqtt_outputs(self) -> list[tuple[Flow, Endpoint]]:
@@ -342,10 +343,14 @@ class NavixySource(Source):
         return Page(events, cursor, done=False, dead=dead, lag_s=lag)
 
     def _telemetry(self, tenant: str, ngp: dict[str, Any]) -> tuple[NgpHeader, list[Event]]:
-        """One NGP message as (its header, its events); raises on anything unreadable (the caller dead-letters it)."""
+        """One NGP message as (its header, its events); raises on anything unreadable (the caller dead-letters it).
+
+        The device is the NGP `device_id`, the one id every message carries. The brief's source id [A] is known only
+        once tracker/list lists the tracker: a series would change key when the list refreshes, and a redelivered
+        message would land twice. The source id, tracker id, label, model and flow go into attrs when known.
+        """
         head = NgpHeader.model_validate(ngp)
-        device, known = self.devices.get(head.device_id, (head.device_id, {"device_id": head.device_id}))
-        attrs = dict(known)
+        attrs = dict(self.devices.get(head.device_id, {"device_id": head.device_id}))
         if head.event_id is not None:
             attrs["event_id"] = str(head.event_id)
         if head.version is not None:
@@ -354,7 +359,7 @@ class NavixySource(Source):
         for key, value in ngp.items():
             if key not in NGP_HEADER:
                 flatten(key, value, values)
-        return head, [self.event("telemetry", tenant, device, metric, head.message_time, value, text, attrs)
+        return head, [self.event("telemetry", tenant, head.device_id, metric, head.message_time, value, text, attrs)
                       for metric, value, text in values]
 
 
