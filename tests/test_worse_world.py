@@ -20,11 +20,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from syncd.sim.common import VendorSim, sims_in_thread
+import aiohttp
+from pydantic import TypeAdapter
+
+from syncd.http import TokenBucket, VendorClient
+from syncd.settings import SourceSettings
+from syncd.sim.common import VendorSim, sims_in_thread, start_sims
 from syncd.sim.ioto import LAG, IotoSim
 from syncd.sim.iotopen import YEAR, IotOpenSim
 from syncd.sim.ixon import IxonSim
 from syncd.sim.navixy import NavixySim
+from syncd.sources.base import Source
+from syncd.sources.ioto import IotoSource
+from syncd.sources.iotopen import IotOpenSource
+from syncd.sources.ixon import IxonSource
 from tests.conftest import Mosquitto
 from tests.helpers import Run, ch, stored_keys, syncd, truth_keys, write_config
 
@@ -219,7 +228,7 @@ def test_ixon_points_visible_one_to_five_minutes_late_out_of_order_are_stored_ex
         clock.frozen += 600  # ten minutes on: every point has shown up
         once(cfg)
         truth = assert_exact(tmp_path / "data", sim, "ixon", ("telemetry",))
-    newest = {}
+    newest: dict[tuple[str, str], int] = {}
     for k in first:
         newest[k[2:4]] = max(newest.get(k[2:4], 0), k[4])
     behind = [k for k in truth.keys() - first.keys() if k[4] < newest[k[2:4]]]
@@ -266,3 +275,70 @@ def test_navixy_a_tracker_listed_only_later_keeps_its_device_key(tmp_path: Path,
     assert sum(k[2] == zero for k in truth) > 40
     (attrs,) = ch(data, f"SELECT DISTINCT attrs['source_id'] FROM syncd.events FINAL WHERE device = '{zero}'")
     assert attrs == [[str(sim.source_id(0))]]  # what the last delivery knew of it, once listed
+
+
+# -- late rows are counted (in process: the connectors on the engine's client, one clock for both sides) -----------
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def sync_late(source: Source, cursors: dict[str, Any]) -> tuple[set[Key], int]:
+    """What one `--once` run of `source` does: every pull stream paged until done; its event keys and `Page.late`."""
+    keys, late = set(), 0
+    for stream in await source.discover():
+        while True:
+            page = await source.fetch(stream, cursors.get(stream.name))
+            keys |= {(e.kind, e.tenant, e.device, e.metric, e.ts_ms) for e in page.events}
+            late += page.late
+            cursors[stream.name] = page.cursor
+            if page.done:
+                break
+    return keys, late
+
+
+async def late_counts(sim: VendorSim, cls: type[Source], clock: FakeClock, steps: list[float], **cfg: Any) -> list[int]:
+    """`Page.late` summed per run; before each run after the first the clock moves on by the next step."""
+    runners = await start_sims([sim])
+    try:
+        async with aiohttp.ClientSession() as session:
+            config = TypeAdapter(SourceSettings).validate_python({"name": "late", **sim.source_config(), **cfg})
+            client = VendorClient(session, TokenBucket(1000, 1000), timeout=10, map_error=cls.map_error)
+            source, out = cls(config, client, clock=clock), []
+            cursors: dict[str, Any] = {}
+            for step in [0.0, *steps]:
+                clock.now += step
+                out.append((await sync_late(source, cursors))[1])
+            return out
+    finally:
+        for r in runners:
+            await r.cleanup()
+
+
+async def test_late_rows_are_counted_once_per_row() -> None:
+    late = {"late_window": "3h", "reconcile_every": "0s"}
+    clock = FakeClock(time.time())
+    sim = IotOpenSim(seed=71, clock=clock, installations=2, topics_per_installation=4, log_points=2000,
+                     late_by=7200.0, late_points=6)
+    assert await late_counts(sim, IotOpenSource, clock, [7260, 600], streams=["log"], **late) == [0, 6, 0]
+
+    clock = FakeClock(time.time())
+    ioto = IotoSim(seed=72, clock=clock, devices=3, logs=2000, rate_limit=None, late_by=7200.0, late_logs=4)
+    assert await late_counts(ioto, IotoSource, clock, [7260, 600], streams=["log"], start="2020-01-01",
+                             **late) == [0, 4, 0]
+
+    clock = FakeClock(time.time())
+    ixon = IxonSim(seed=73, clock=clock, agents=2, tags_per_agent=6, points_per_tag=720, history=3600,
+                   rate_limit=None, lag=60, lag_max=300)
+    first = {k for k in truth_keys(ixon) if k[0] == "telemetry"}
+    newest: dict[tuple[str, str], int] = {}
+    for k in first:
+        newest[k[2:4]] = max(newest.get(k[2:4], 0), k[4])
+    counts = await late_counts(ixon, IxonSource, clock, [600, 600, 600], streams=["telemetry"],
+                               reconcile_every="0s")
+    behind = [k for k in truth_keys(ixon) if k[0] == "telemetry" and k not in first and k[4] < newest[k[2:4]]]
+    assert counts[0] == 0 and sum(counts) == len(behind) > 12 and counts[-1] == 0
