@@ -44,18 +44,20 @@ HISTORY_S = 180.0  # the simulator's history before the anchor (synced during th
 _METRIC = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$")
 
 
-def rss_kb(pid: int) -> tuple[int, int]:
-    """(VmRSS in kB, threads) of a process."""
-    rss = threads = -1
+def rss_kb(pid: int) -> tuple[int, int, int]:
+    """(VmRSS in kB, RssAnon in kB, threads) of a process; VmRSS also counts file pages (libchdb's code)."""
+    rss = anon = threads = -1
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1])
+            elif line.startswith("RssAnon:"):
+                anon = int(line.split()[1])
             elif line.startswith("Threads:"):
                 threads = int(line.split()[1])
     if rss < 0:
         raise RuntimeError(f"no VmRSS for {pid}")
-    return rss, threads
+    return rss, anon, threads
 
 
 def smaps(pid: int) -> dict[str, int]:
@@ -121,7 +123,7 @@ def _env(tree: str | None) -> dict[str, str]:
 class Sampler:
     def __init__(self, pid: int, every: float, port: int, mqtt: bool) -> None:
         self.pid, self.every, self.port, self.mqtt = pid, every, port, mqtt
-        self.samples: list[tuple[float, str, int, int, int]] = []  # (t, phase, rss kB, threads, mqtt backlog rows)
+        self.samples: list[tuple[float, str, int, int, int, int]] = []  # (t, phase, rss kB, anon kB, threads, backlog)
         self.t0 = time.monotonic()
         self.next = self.t0
 
@@ -135,15 +137,16 @@ class Sampler:
             if now >= self.next:
                 self.next += self.every
                 try:
-                    rss, threads = rss_kb(self.pid)
+                    rss, anon, threads = rss_kb(self.pid)
                 except (OSError, RuntimeError):
                     return False
                 waiting = -1
                 with suppress(OSError):
                     m = metrics(self.port)
                     waiting = int(total(m, "syncd_events_total") - mqtt_done(m)) if self.mqtt else -1
-                self.samples.append((now - self.t0, phase, rss, threads, waiting))
-                print(f"  {now - self.t0:7.1f}s {phase:8} rss {rss / 1024:7.1f} MB  threads {threads:4d}  "
+                self.samples.append((now - self.t0, phase, rss, anon, threads, waiting))
+                print(f"  {now - self.t0:7.1f}s {phase:8} rss {rss / 1024:7.1f} MB  anon {anon / 1024:7.1f} MB  "
+                      f"threads {threads:4d}  "
                       f"mqtt backlog {waiting:7d}", flush=True)
                 if until is not None and until():  # type: ignore[operator]
                     return True
@@ -151,10 +154,13 @@ class Sampler:
         return True
 
     def rss(self, phase: str) -> list[int]:
-        return [r for _, p, r, _, _ in self.samples if p == phase]
+        return [r for _, p, r, _, _, _ in self.samples if p == phase]
+
+    def anon(self, phase: str) -> list[int]:
+        return [a for _, p, _, a, _, _ in self.samples if p == phase]
 
     def threads(self, phase: str) -> list[int]:
-        return [t for _, p, _, t, _ in self.samples if p == phase]
+        return [t for _, p, _, _, t, _ in self.samples if p == phase]
 
 
 def main() -> int:
@@ -276,6 +282,10 @@ def main() -> int:
           f"{errors:.0f} MQTT write errors during it")
     print(f"backlog drained in         : {drain_s:8.1f} s (RSS max {max(drain) * mb:.1f} MB while draining)")
     print(f"RSS after the drain        : {after[-1] * mb:8.1f} MB last, {statistics.median(after) * mb:.1f} MB median")
+    anon = [sampler.anon(p) for p in ("warmup", "outage", "after")]
+    a_before, a_end = statistics.median(anon[0][len(anon[0]) // 2:]), statistics.median(anon[1][-max(1, len(anon[1]) // 4):])
+    print(f"anonymous RSS (RssAnon)    : {a_before * mb:.1f} MB before, max {max(anon[1]) * mb:.1f} MB during, "
+          f"{(a_end - a_before) * mb:+.1f} MB growth (same medians), {anon[2][-1] * mb:.1f} MB after the drain")
     thr = [sampler.threads(p) for p in ("warmup", "outage", "after")]
     print(f"daemon threads             : {thr[0][-1]} before, {max(thr[1])} max during, {thr[2][-1]} after "
           "(most are the embedded ClickHouse's pool; each keeps its stack and allocator cache)")
