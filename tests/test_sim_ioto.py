@@ -329,7 +329,7 @@ def log_ids(sim: IotoSim, device: str, limit: int = 7) -> list[str]:
 
 
 def test_log_order_newest_first_or_shuffled_serves_the_same_logs() -> None:
-    sims = [IotoSim(seed=40, devices=2, logs=60, rate_limit=None, log_order=order)
+    sims = [IotoSim(seed=40, clock=FakeClock(), devices=2, logs=60, rate_limit=None, log_order=order)
             for order in ("oldest", "newest", "shuffled")]
     with sims_in_thread(sims):
         oldest, newest, shuffled = (log_ids(s, s.device_ids[0]) for s in sims)

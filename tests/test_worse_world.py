@@ -164,25 +164,37 @@ def test_iotopen_a_functionx_mapped_after_the_first_sync_keeps_the_device_key(tm
 
 # -- Ioto -------------------------------------------------------------------------------------------------------
 
+def behind(seconds: float) -> SimClock:
+    """A simulator clock that stands `seconds` behind real time until a test moves it."""
+    clock = SimClock()
+    clock.frozen = time.time() - seconds
+    return clock
+
+
 def ioto_logs(tmp: Path, sim: IotoSim, *lines: str, runs: int = 2, step: float = 3 * 3600) -> dict[Key, Any]:
-    """`runs` runs of the log streams, the cloud logging on `step` seconds between them; exact after each."""
+    """`runs` runs of the log streams, the cloud logging on `step` seconds between them; exact after each.
+
+    The simulator's clock stands still during a run (a live cloud logging on meanwhile would race the check) and
+    behind ours, so its logs are never dated ahead of the connector's clock unless a test plants one."""
     clock = sim.clock
-    assert isinstance(clock, SimClock)
+    assert isinstance(clock, SimClock) and clock.frozen is not None
     with sims_in_thread([sim]):
         cfg = config(tmp, sim, 'start = "2020-01-01"', 'streams = ["log"]', "rate = 100", "burst = 100",
                      "page_size = 7", *lines)
         for run in range(runs):
             if run:
-                clock.shift += step
+                clock.frozen += step
             once(cfg)
-            clock.shift += LAG  # the truth of a live Ioto sim lags its API
+            clock.frozen += LAG  # the truth of a live Ioto sim lags its API
             truth = assert_exact(tmp / "data", sim, "ioto", ("log",))
-            clock.shift -= LAG
+            clock.frozen -= LAG
+    assert clock.frozen < time.time()
     return truth
 
 
 def test_ioto_logs_served_newest_first_are_stored_exactly(tmp_path: Path) -> None:
-    sim = IotoSim(seed=64, clock=SimClock(), live=True, devices=3, logs=150, rate_limit=None, log_order="newest")
+    sim = IotoSim(seed=64, clock=behind(10 * 3600), live=True, devices=3, logs=150, rate_limit=None,
+                  log_order="newest")
     truth = ioto_logs(tmp_path, sim)
     assert len(truth) > 150  # the cloud logged on between the runs
     firsts = [r for r in sim.requests if r.path == "/tok/generic/find" and b'"Log"' in r.body and "next" not in dict(r.query)]
@@ -190,23 +202,25 @@ def test_ioto_logs_served_newest_first_are_stored_exactly(tmp_path: Path) -> Non
 
 
 def test_ioto_logs_served_in_no_order_are_stored_exactly(tmp_path: Path) -> None:
-    sim = IotoSim(seed=65, clock=SimClock(), live=True, devices=3, logs=150, rate_limit=None, log_order="shuffled")
+    sim = IotoSim(seed=65, clock=behind(10 * 3600), live=True, devices=3, logs=150, rate_limit=None,
+                  log_order="shuffled")
     assert len(ioto_logs(tmp_path, sim, runs=3)) > 150
 
 
 def test_ioto_a_log_dated_an_hour_ahead_hides_no_later_log(tmp_path: Path) -> None:
-    """Oldest first as the connector likes it, but two devices' clocks run ahead: a log dated an hour ahead and one
-    dated a year ahead, both kept in the list where they were written."""
-    sim = IotoSim(seed=66, clock=SimClock(), live=True, devices=3, logs=150, rate_limit=None,
+    """Oldest first as the connector likes it, but two devices' clocks run ahead: a log dated an hour ahead (of
+    every clock here) and one dated a year ahead, both kept in the list where they were written. A log every 10 s."""
+    sim = IotoSim(seed=66, clock=behind(600), live=True, devices=3, logs=720, history=7200, rate_limit=None,
                   future_logs=(3600.0, YEAR))
-    truth = ioto_logs(tmp_path, sim)
+    truth = ioto_logs(tmp_path, sim, step=300)
     assert {e.ts_ms for e in sim.extra_logs} <= {k[4] for k in truth}
     hour = sim.extra_logs[0]
-    assert sum(hour.written_ms < k[4] < hour.ts_ms for k in truth if k[2] == sim.device_ids[hour.d]) > 0
+    assert hour.ts_ms > time.time() * 1000  # ahead of the connector's clock too
+    assert sum(hour.written_ms < k[4] < hour.ts_ms for k in truth if k[2] == sim.device_ids[hour.d]) > 5
 
 
 def test_ioto_logs_two_hours_late_are_stored_by_the_re_read(tmp_path: Path) -> None:
-    sim = IotoSim(seed=67, clock=SimClock(), live=True, devices=3, logs=150, rate_limit=None, late_by=7200.0,
+    sim = IotoSim(seed=67, clock=behind(10 * 3600), live=True, devices=3, logs=150, rate_limit=None, late_by=7200.0,
                   late_logs=4)
     truth = ioto_logs(tmp_path, sim, 'late_window = "3h"', 'reconcile_every = "0s"', step=7200 + 60)
     assert {e.ts_ms for e in sim.extra_logs} <= {k[4] for k in truth}
