@@ -54,7 +54,7 @@ class Client:
 
     def login(self) -> str:
         status, _, body = self.call("POST", "/api/Authentication/Authenticate",
-                                    {"userName": "syncd", "password": "proxus-sim"})
+                                    {"userName": "syncd", "password": "sim-password-5c2e"})
         assert status == 200
         self.token = body.decode().strip().strip('"')
         return body.decode()
@@ -109,7 +109,7 @@ def test_login_alternates_quoted_and_bare_tokens_with_exp() -> None:
         assert not bare.startswith('"') and bare.endswith("\n")
         assert claims(bare.strip())["exp"] == int(clock.t) + 600
         assert client.call("GET", "/api/odata/Device")[0] == 200
-        for body in ({"userName": "syncd", "password": "nope"}, {"username": "syncd", "password": "proxus-sim"}):
+        for body in ({"userName": "syncd", "password": "nope"}, {"username": "syncd", "password": "sim-password-5c2e"}):
             status, _, text = client.call("POST", "/api/Authentication/Authenticate", body)
             assert (status, text) == (401, b"")
         form = client.call("POST", "/api/Authentication/Authenticate", raw=b"userName=syncd",
@@ -382,7 +382,7 @@ def test_rate_limit_option_answers_empty_429() -> None:
         assert codes == [200, 200, 429]
     assert ProxusSim(rows=100).limits == []  # none documented
     cfg = sim.source_config()
-    assert cfg == {"vendor": "proxus", "base_url": sim.url, "username": "syncd", "password": "proxus-sim"}
+    assert cfg == {"vendor": "proxus", "base_url": sim.url, "username": "syncd", "password": "sim-password-5c2e"}
 
 
 # -- worse than a connector may assume --------------------------------------------------------------------

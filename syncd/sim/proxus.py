@@ -146,7 +146,7 @@ class ProxusSim(VendorSim):
     def __init__(self, seed: int = 1, *, clock: Clock = time.time, live: bool = False, devices: int = 5,
                  keys_per_device: int = 4, rows: int = 5000, history: float = 3600, alerts: int = 20,
                  late: bool = False, token_style: str = "alternate", token_ttl: float = 3600,
-                 odata_page_size: int = 100, username: str = "syncd", password: str = "proxus-sim",
+                 odata_page_size: int = 100, username: str = "syncd", password: str = "sim-password-5c2e",
                  tenant: str = "proxus-sim", rate_limit: int | None = None, malformed_rows: int = 0,
                  poison: str | list[str] = "", cut_at_line: int = 0, error_line: int = 0, row_cap: int = 0,
                  strict_guard: bool = False, late_rows: int = 0, late_by: float = 7200.0) -> None:

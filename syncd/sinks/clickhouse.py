@@ -266,7 +266,8 @@ class ClickHouseSink(Sink):
     def _newest(self, source: str) -> dict[tuple[str, str], int]:
         rows = self.client.query(
             f"SELECT kind, tenant, toUnixTimestamp64Milli(max(ts)) FROM `{self.database}`.events "
-            "WHERE source = {source:String} GROUP BY kind, tenant", parameters={"source": source}).result_rows
+            "WHERE source = {source:String} AND ts <= now64(3) GROUP BY kind, tenant",  # a future stamp is no resume point
+            parameters={"source": source}).result_rows
         return {(kind, tenant): int(ms) for kind, tenant, ms in rows}
 
     def query(self, sql: str) -> Any:
