@@ -19,7 +19,7 @@ def test_schema_prints_and_applies_idempotently(tmp_path: Path) -> None:
     assert printed.returncode == 0 and "ReplacingMergeTree(ingested_at)" in printed.stdout
     assert "non_replicated_deduplication_window" in printed.stdout
     first = syncd("schema", "--config", str(cfg), "--apply")
-    assert first.returncode == 0 and "[1, 2, 3, 4, 5, 6]" in first.stdout, first.stderr
+    assert first.returncode == 0 and "[1, 2, 3, 4, 5, 6, 7]" in first.stdout, first.stderr
     again = syncd("schema", "--config", str(cfg), "--apply")
     assert again.returncode == 0 and "up to date" in again.stdout
 
@@ -104,7 +104,7 @@ def test_upgrade_moves_events_and_latest_to_sort_keys_with_the_source(tmp_path: 
                        timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     applied, again, keys, count, latest, leftovers = json.loads(r.stdout.splitlines()[-1])
-    assert applied == [6] and again == []
+    assert applied == [6, 7] and again == []
     assert keys == [["source, vendor, tenant, device, metric, kind, ts"], ["source, vendor, tenant, device, metric, kind"]]
     assert count == [[101]]  # the 100 rows kept, and source b's row beside source a's, not over it
     assert latest == [["a", 99.0], ["b", 5.0]]  # the view feeds the rekeyed latest

@@ -127,3 +127,9 @@ EXCHANGE TABLES `syncd`.`latest` AND `syncd`.`latest_rekeyed`;
 DROP TABLE IF EXISTS `syncd`.`latest_rekeyed`;
 CREATE MATERIALIZED VIEW IF NOT EXISTS `syncd`.`latest_mv` TO `syncd`.`latest` AS
 SELECT vendor, tenant, device, metric, kind, source, ts, value, text, attrs FROM `syncd`.`events`;
+
+-- migration 7: single_part_remover
+ALTER TABLE `syncd`.`events` MODIFY SETTING concurrent_part_removal_threshold = 1000000000;
+ALTER TABLE `syncd`.`latest` MODIFY SETTING concurrent_part_removal_threshold = 1000000000;
+ALTER TABLE `syncd`.`dead_letter` MODIFY SETTING concurrent_part_removal_threshold = 1000000000;
+ALTER TABLE `syncd`.`sync_status` MODIFY SETTING concurrent_part_removal_threshold = 1000000000;
