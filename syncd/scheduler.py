@@ -29,6 +29,7 @@ PUSH_IDLE_S = 2.0  # `--once` on a push stream ends after this long without a me
 PUSH_ONCE_LIMIT_S = 300.0  # ... or after this long at most, for a stream that never goes quiet
 PUSH_BACKOFF_CAP_S = 60.0  # reconnect backoff cap of a long-running push stream
 RESUME_OVERLAP_S = 3600.0  # a stream with no cursor re-reads this much before the sink's newest event of it
+AUTH_RECHECK_CAP_S = 1800.0  # a refused credential is re-checked with backoff growing up to this
 
 
 @dataclass
@@ -55,9 +56,6 @@ class _Run:
     pages: int = 0
     events: int = 0
     dead: int = 0
-
-
-AUTH_RECHECK_CAP_S = 1800.0  # a refused credential is re-checked with backoff growing up to this
 
 
 @dataclass
