@@ -21,8 +21,8 @@ mosquitto:  ## the tests start their own broker; install it when missing
 	  (apt-get update -qq && apt-get install -y -qq mosquitto) || \
 	  (sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto); }
 
-test: $(STAMP) mosquitto
-	$(BIN)/python -m pytest -q
+test: $(STAMP) mosquitto  ## two workers: most tests wait on subprocesses, brokers and backoff, not the CPU
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check syncd tests bench
