@@ -177,6 +177,9 @@ def main() -> int:
     ap.add_argument("--smaps", action="store_true", help="print smaps_rollup and threads by name per phase")
     ap.add_argument("--tree", default=None, help="source tree to run the daemon from (default: this one)")
     ap.add_argument("--keep", default=None, help="keep the data dir, config and logs here")
+    ap.add_argument("--clickhouse-http", action="store_true",
+                    help="ClickHouse over http:// (the production path; the tests' server runs the engine in its own "
+                         "process) instead of the embedded engine inside the daemon")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench still stops its daemon and broker
 
@@ -193,14 +196,25 @@ def main() -> int:
     port = free_port()
     tree = str(Path(args.tree).resolve()) if args.tree else None
     proc: subprocess.Popen[bytes] | None = None
+    server = None
     try:
         with sims_in_thread([sim]):
             broker.start()
+            if args.clickhouse_http:
+                sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' ClickHouse server
+                from tests.chhttp import ClickHouseHttp
+
+                server = ClickHouseHttp(work / "chserver").start()
+                client = server.client()
+                client.command("CREATE DATABASE IF NOT EXISTS syncd")
+                client.close()
             cfg = work / "syncd.toml"
             text = config_toml([sim], str(work / "data")).replace('http = ""', f'http = "127.0.0.1:{port}"')
             text = text.replace('interval = "5s"', 'interval = "2s"\nstart = "1h"')
             if not args.clickhouse_only:
                 text += f'\n[mqtt]\nurl = "{broker.url}"\n'
+            if server is not None:
+                text += f'\n[clickhouse]\ndsn = "{server.dsn}"\n'
             cfg.write_text(text)
             log = open(work / "daemon.log", "wb")  # noqa: SIM115 - closed with the daemon
             proc = subprocess.Popen([sys.executable, "-m", "syncd", "run", "--config", str(cfg)], stdout=log,
@@ -256,6 +270,8 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         broker.stop()
+        if server is not None:
+            server.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -267,7 +283,8 @@ def main() -> int:
     elapsed = args.warmup + args.outage
     rate = (events_at["restart"] - events_at["start"]) / elapsed if elapsed else 0.0
     print()
-    print(f"config: {'ClickHouse only' if args.clickhouse_only else 'ClickHouse (embedded chdb) + MQTT'}, "
+    store = "ClickHouse over http:// (engine in another process)" if args.clickhouse_http else "ClickHouse (embedded chdb)"
+    print(f"config: {store + ' only' if args.clickhouse_only else store + ' + MQTT'}, "
           f"{'CONTROL: broker never stopped, ' if args.control else ''}"
           f"live IoT Open at {rate:.0f} events/s, warm-up {args.warmup:.0f} s, outage {args.outage:.0f} s"
           + (f", MALLOC_ARENA_MAX={os.environ['MALLOC_ARENA_MAX']}" if "MALLOC_ARENA_MAX" in os.environ else "")
