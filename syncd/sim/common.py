@@ -184,8 +184,7 @@ async def start_sims(sims: list[VendorSim], host: str = "127.0.0.1", ports: list
         await runner.setup()
         site = web.TCPSite(runner, host, (ports[i] if ports else 0))
         await site.start()
-        sockets = site._server.sockets  # type: ignore[union-attr]
-        port = sockets[0].getsockname()[1]
+        port = runner.addresses[-1][1]  # the port the OS picked (public: the runner's bound addresses)
         sim.url = f"http://{host}:{port}"
         runners.append(runner)
     return runners
