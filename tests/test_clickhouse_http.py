@@ -279,6 +279,15 @@ def _daemon(tmp: Path, sim: IotOpenSim, srv: ClickHouseHttp) -> tuple[subprocess
     return proc, port, cfg, log
 
 
+def _final_run_is_exact(cfg: Path, srv: ClickHouseHttp, sim: IotOpenSim, total: int) -> None:
+    """A last `--once` after the daemon stopped: events FINAL == uniqExact == ground truth, keys equal."""
+    final = syncd("run", "--config", str(cfg), "--once")
+    assert final.returncode == 0, final.stderr[-3000:]
+    final_count, uniq, _ = _counts(srv)
+    assert final_count == uniq == total
+    assert _stored_keys(srv, "iotopen").keys() == truth_keys(sim).keys()
+
+
 def test_server_outage_mid_run_loses_and_doubles_nothing(tmp_path: Path, server: ClickHouseHttp) -> None:
     sim = IotOpenSim(seed=42, installations=2, topics_per_installation=5, log_points=12_000, history=600)
     total = 12_000 + 10
@@ -303,11 +312,7 @@ def test_server_outage_mid_run_loses_and_doubles_nothing(tmp_path: Path, server:
             wait_for(lambda: _total(metrics(port), "syncd_sink_rows_total", sink="clickhouse") >= total, timeout=90)
         finally:
             _stop_daemon(proc, log)
-        final = syncd("run", "--config", str(cfg), "--once")
-        assert final.returncode == 0, final.stderr[-3000:]
-    final_count, uniq, _ = _counts(server)
-    assert final_count == uniq == total
-    assert _stored_keys(server, "iotopen").keys() == truth_keys(sim).keys()
+        _final_run_is_exact(cfg, server, sim, total)
 
 
 def test_proxy_500s_then_recovery(tmp_path: Path, server: ClickHouseHttp) -> None:
@@ -329,11 +334,7 @@ def test_proxy_500s_then_recovery(tmp_path: Path, server: ClickHouseHttp) -> Non
             wait_for(lambda: _total(metrics(port), "syncd_sink_rows_total", sink="clickhouse") >= total, timeout=90)
         finally:
             _stop_daemon(proc, log)
-        final = syncd("run", "--config", str(cfg), "--once")
-        assert final.returncode == 0, final.stderr[-3000:]
-    final_count, uniq, _ = _counts(server)
-    assert final_count == uniq == total
-    assert _stored_keys(server, "iotopen").keys() == truth_keys(sim).keys()
+        _final_run_is_exact(cfg, server, sim, total)
     assert '"sink.failing"' in log.read_text() and '"sink.recovered"' in log.read_text()
 
 
