@@ -337,7 +337,7 @@ class Syncer:
         """Guard, then spool one page with its cursor (one transaction), wake the drainers, count it."""
         page = guard_page(page)
         payload = {"src": source.name, "vendor": source.vendor, "stream": stream.name,
-                   "e": [e.row() for e in page.events],
+                   "e": page.rows(),
                    "d": [[self.redact(d.reason), self.redact(d.payload)] for d in page.dead]}
         await self.spool.run(self.spool.commit_page, source.name, stream.name, payload, page.cursor)
         self.wake()

@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from syncd.errors import MalformedResponse
-from syncd.events import TS_MAX_MS, TS_MIN_MS, Event, iso_field_ms, ms_to_iso, parse_iso_ms, seconds_to_ms
+from syncd.events import TS_MAX_MS, TS_MIN_MS, Event, ms_to_iso
 from syncd.http import Response
 from syncd.sources.base import (
     DeadLetter,
@@ -24,6 +24,7 @@ from syncd.sources.base import (
     payload_json,
     valid,
 )
+from syncd.sources.times import iso_field_ms, parse_iso_ms, seconds_to_ms
 
 SURROGATE = "\ud83d"  # the high half of 😀, what a cut emoji leaves behind
 

@@ -22,7 +22,8 @@ from syncd.events import Event
 from syncd.sim.common import sims_in_thread
 from syncd.sim.proxus import ProxusSim
 from syncd.sim.proxus_sql import Query, SqlError
-from syncd.sources.base import DeadLetter, KeysetPaginator, Page
+from syncd.sources.base import DeadLetter, Page
+from syncd.sources.paging import KeysetPaginator
 from syncd.sources.proxus import RECONCILE_EVERY_S, ProxusSource, proxus_error
 from tests.helpers import Run, ch, stored_keys, syncd, truth_keys, write_config
 from tests.test_proxus_quirks import TELEMETRY, FakeClock, connector, keys, raw_lines, truth

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -16,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from syncd.events import TS_MAX_MS, TS_MIN_MS, TS_RANGE, Event, describe_ms
+from syncd.events import TS_MAX_MS, TS_MIN_MS, TS_RANGE, Columns, Event, describe_ms
 from syncd.http import VendorClient, default_error
 from syncd.settings import SourceBase, start_ms
 
@@ -48,16 +49,70 @@ class DeadLetter:
     payload: str
 
 
-@dataclass
 class Page:
-    """One fetch: its events, records that failed normalization, the next cursor, and whether to stop."""
+    """One fetch: its events, records that failed normalization, the next cursor, and whether to stop.
 
-    events: list[Event]
-    cursor: Any
-    done: bool
-    dead: list[DeadLetter] = field(default_factory=list)
-    lag_s: float | None = None  # how far behind "now" the stream still is after this page
-    late: int = 0  # rows a re-read found that earlier reads had missed (counted in syncd_late_rows_total)
+    Events come as a list of `Event`, or column by column from a `PageBuilder` (`columns`): then `events` is made
+    only when someone asks (tests), and the spool gets `rows()` straight from the columns.
+    """
+
+    __slots__ = ("_events", "columns", "cursor", "done", "dead", "lag_s", "late")
+
+    def __init__(self, events: list[Event] | None = None, cursor: Any = None, done: bool = False,
+                 dead: list[DeadLetter] | None = None, lag_s: float | None = None, late: int = 0, *,
+                 columns: Columns | None = None) -> None:
+        self._events = events if events is not None or columns is not None else []
+        self.columns = columns
+        self.cursor = cursor
+        self.done = done
+        self.dead: list[DeadLetter] = dead if dead is not None else []
+        self.lag_s = lag_s  # how far behind "now" the stream still is after this page
+        self.late = late  # rows a re-read found that earlier reads had missed (counted in syncd_late_rows_total)
+
+    @property
+    def events(self) -> list[Event]:
+        if self._events is None:
+            assert self.columns is not None
+            self._events = self.columns.events()
+        return self._events
+
+    @events.setter
+    def events(self, events: list[Event]) -> None:
+        self._events, self.columns = events, None
+
+    def __len__(self) -> int:
+        """The number of events."""
+        return len(self.columns) if self.columns is not None else len(self.events)
+
+    def rows(self) -> list[list[Any]]:
+        """The spool rows (COLUMNS order), ids computed in bulk."""
+        if self.columns is not None:
+            return self.columns.rows()
+        return [e.row() for e in self.events]
+
+    def __repr__(self) -> str:
+        return f"Page({len(self)} events, {len(self.dead)} dead, done={self.done}, cursor={str(self.cursor)[:80]})"
+
+
+class PageBuilder:
+    """A page built column by column: `add` a record's fields, then `page(...)`; what `Source.event` is per event.
+
+    The source and vendor are set once per page, attrs dicts are shared as given (events never mutate them), and
+    ids are computed in bulk when the page is spooled.
+    """
+
+    __slots__ = ("columns", "add")
+
+    def __init__(self, source: Source) -> None:
+        self.columns = Columns(source.name, source.vendor)
+        self.add = self.columns.append  # add(kind, tenant, device, metric, ts_ms, value, text, attrs)
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def page(self, cursor: Any, done: bool, dead: list[DeadLetter] | None = None, lag_s: float | None = None,
+             late: int = 0) -> Page:
+        return Page(None, cursor, done, dead, lag_s, late, columns=self.columns)
 
 
 class Source(ABC):
@@ -159,6 +214,21 @@ def valid(model: type[M], records: Iterable[Any], dead: list[DeadLetter],
     return mapped(records, dead, model.model_validate, context)
 
 
+@functools.lru_cache(maxsize=64)
+def _list_of(model: type[BaseModel]) -> TypeAdapter[Any]:
+    return TypeAdapter(list[model])  # type: ignore[valid-type]
+
+
+def valid_all(model: type[M], records: list[Any], dead: list[DeadLetter],
+              context: Callable[[Any], Any] | None = None) -> list[M]:
+    """`valid` for a whole page: one pydantic call for all records; only when that fails, record by record, so
+    every dead letter still names its record and field."""
+    try:
+        return _list_of(model).validate_python(records)  # type: ignore[no-any-return]
+    except ValidationError:
+        return list(valid(model, records, dead, context))
+
+
 def dead_letter(record: Any, err: Exception) -> DeadLetter:
     """A dead letter for a record that failed, naming the bad field where the error knows it."""
     if isinstance(err, ValidationError):
@@ -235,41 +305,63 @@ def guard_page(page: Page) -> Page:
       JSON) and the raw text keeps the evidence.
     Dead letters already on the page and the cursor are made spoolable too. The page is not modified.
     """
-    events: list[Event] = []
     dead = [_spoolable_dead(d) for d in page.dead]
+    cursor = _spoolable_cursor(page.cursor)
     attrs_ok: set[int] = set()  # attrs dicts are shared by a device's events: check each once per page
+    if page.columns is not None:
+        cols = page.columns
+        keep: list[int] = []
+        fixed: dict[int, dict[str, str]] = {}  # row → attrs with the raw text of a NaN or ±Infinity value
+        for i, fields in enumerate(zip(cols.kind, cols.tenant, cols.device, cols.metric, cols.ts, cols.value,
+                                       cols.text, cols.attrs, strict=True)):
+            _, tenant, device, metric, ts, value, text, attrs = fields
+            problem = _refusal(tenant, device, metric, ts, value, text, attrs, attrs_ok)
+            if problem is not None:
+                dead.append(DeadLetter(spoolable_text(problem), payload_json(_as_record(cols.source, cols.vendor,
+                                                                                        *fields))))
+                continue
+            if value is not None and not _finite(value):
+                fixed[len(keep)] = {**attrs, "raw_value": _raw_float(value)}
+            keep.append(i)
+        columns = cols if len(keep) == len(cols) and not fixed else cols.select(keep)
+        for at, attrs in fixed.items():
+            columns.value[at], columns.attrs[at] = None, attrs
+        return Page(None, cursor, page.done, dead, page.lag_s, page.late, columns=columns)
+    events: list[Event] = []
     for event in page.events:
-        problem = _refusal(event, attrs_ok)
+        e = event
+        problem = _refusal(e.tenant, e.device, e.metric, e.ts_ms, e.value, e.text, e.attrs, attrs_ok)
         if problem is not None:
-            dead.append(DeadLetter(spoolable_text(problem), payload_json(_as_record(event))))
+            dead.append(DeadLetter(spoolable_text(problem), payload_json(_as_record(
+                e.source, e.vendor, e.kind, e.tenant, e.device, e.metric, e.ts_ms, e.value, e.text, e.attrs))))
             continue
-        value = event.value
-        if value is not None and not _finite(value):
-            raw = _RAW_FLOAT.get(value, "NaN") if isinstance(value, float) else str(value)
-            event = dataclasses.replace(event, value=None, attrs={**event.attrs, "raw_value": raw})
+        if e.value is not None and not _finite(e.value):
+            event = dataclasses.replace(e, value=None, attrs={**e.attrs, "raw_value": _raw_float(e.value)})
         events.append(event)
-    return dataclasses.replace(page, events=events, dead=dead, cursor=_spoolable_cursor(page.cursor))
+    return Page(events, cursor, page.done, dead, page.lag_s, page.late)
 
 
-def _refusal(event: Event, attrs_ok: set[int]) -> str | None:
-    """Why a sink cannot hold `event` (the field first), or None."""
-    ts = event.ts_ms
+def _raw_float(value: Any) -> str:
+    return _RAW_FLOAT.get(value, "NaN") if isinstance(value, float) else str(value)
+
+
+def _refusal(tenant: Any, device: Any, metric: Any, ts: Any, value: Any, text: Any, attrs: Any,
+             attrs_ok: set[int]) -> str | None:
+    """Why a sink cannot hold an event of these fields (the field first), or None."""
     if type(ts) is not int:
         return f"ts: must be integer epoch milliseconds (got {ts!r})"[:300]
     if not TS_MIN_MS <= ts <= TS_MAX_MS:
         return f"ts: {describe_ms(ts)} is outside {TS_RANGE}"
-    for name, text in (("tenant", event.tenant), ("device", event.device), ("metric", event.metric)):
-        why = _text_problem(text)
+    for name, item in (("tenant", tenant), ("device", device), ("metric", metric)):
+        why = _text_problem(item)
         if why is not None:
             return f"{name}: {why}"
-    if event.text is not None:
-        why = _text_problem(event.text)
+    if text is not None:
+        why = _text_problem(text)
         if why is not None:
             return f"text: {why}"
-    value = event.value
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
         return f"value: must be a number or null (got {type(value).__name__})"
-    attrs = event.attrs
     if id(attrs) not in attrs_ok:
         if not isinstance(attrs, dict):
             return f"attrs: must be a map of strings (got {type(attrs).__name__})"
@@ -297,8 +389,10 @@ def _finite(value: float | int) -> bool:
         return False
 
 
-def _as_record(event: Event) -> dict[str, Any]:
-    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+def _as_record(source: str, vendor: str, kind: str, tenant: Any, device: Any, metric: Any, ts: Any, value: Any,
+               text: Any, attrs: Any) -> dict[str, Any]:
+    return {"source": source, "vendor": vendor, "kind": kind, "tenant": tenant, "device": device, "metric": metric,
+            "ts_ms": ts, "value": value, "text": text, "attrs": attrs}
 
 
 def _spoolable_dead(letter: DeadLetter) -> DeadLetter:
@@ -404,100 +498,3 @@ class LateTally:
 
 def _counts(counts: Any) -> dict[int, int]:
     return {int(b): int(n) for b, n in counts.items()} if isinstance(counts, dict) else {}
-
-
-# -- keyset paging under a silent row cap (DESIGN.md "A range ends only when the vendor says so") -----------------
-
-@dataclass
-class KeysetPaginator:
-    """Keyset paging over rows sorted by a key that several rows may share (a time), from a server that may end
-    an answer early without a marker: a row cap below the limit asked for, a body cut exactly at a line boundary.
-
-    In the spirit of dlt's paginators it holds its state (plain JSON for a cursor: `state()`, `KeysetPaginator(**s)`),
-    judges each answer (`update_state`) and says whether there is a next page. The next request asks for `limit`
-    rows from `key` on (rows at `key` included, unless `after`). Rows are kept only where an answer proves them whole:
-    - a later key proves every group before it whole: those rows are kept and the next request starts at the last
-      group's key again, since the answer may have been cut inside it;
-    - an answer of one group that fills the limit is asked again with twice the limit (up to `max_limit`);
-    - the range ends on an empty answer, or on a short one the caller confirmed to be all that was left (`whole`,
-      e.g. from a count); a short answer is never the end by its length alone. An answer the caller found not whole
-      and that proves nothing (one group, or none) is asked again. A short one-group answer the caller did not
-      confirm is kept and the next request starts after its key: right for unique keys; with shared keys a caller
-      should confirm (`short()` says when), since a cut inside the last group leaves no trace.
-    Rows whose key cannot be read (None) travel with their neighbours: `skip` counts those kept at the end of one
-    answer that may head the next one again.
-    """
-
-    key: Any
-    limit: int
-    max_limit: int
-    after: bool = False
-    base: int = 0  # the limit to come back to once past a large group (default: the first limit)
-    cap: int = 0  # the most rows the server sent when asked for more: an answer that long counts as full
-    skip: int = 0
-    retries: int = 0  # answers in a row that were not whole and proved nothing
-    done: bool = False
-
-    MAX_RETRIES: ClassVar[int] = 6
-
-    def __post_init__(self) -> None:
-        self.base = self.base or self.limit
-
-    @property
-    def has_next_page(self) -> bool:
-        return not self.done
-
-    def state(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def short(self, keys: list[Any]) -> bool:
-        """Whether this answer might be the end of the range (then `update_state` wants to know if it is `whole`)."""
-        n = len(keys)
-        if n >= self.limit:
-            return False
-        if self.cap and n >= self.cap:  # as long as the server's cap: short only if one group (nothing proven)
-            first = next((k for k in keys[self._head(keys):] if k is not None), None)
-            return first is None or first == self._tail(keys)
-        return True
-
-    def update_state(self, keys: list[Any], whole: bool | None = None) -> slice:
-        """Judge one answer by its rows' keys in order (None: unreadable); returns the rows to keep."""
-        n, head = len(keys), self._head(keys)
-        if whole or (n == 0 and whole is None):
-            self.done, self.retries = True, 0
-            return slice(head, n)
-        tail = self._tail(keys)
-        last = next((i for i in range(n - 1, head - 1, -1) if keys[i] is not None and keys[i] < tail), None)
-        if last is not None:  # more than one group: all but the last are whole
-            stop = last + 1
-            while keys[stop] is None:  # stops at the last group, which is readable
-                stop += 1
-            if whole is False:
-                self.cap = max(self.cap, n)
-            self.key, self.after, self.skip, self.limit, self.retries = tail, False, stop - last - 1, self.base, 0
-            return slice(head, stop)
-        if n >= self.limit:  # one group fills the answer: ask for more rows at once
-            if self.limit >= self.max_limit:
-                from syncd.errors import RequestRejected
-                raise RequestRejected(f"more than {self.max_limit} rows share the key {tail!r}: keyset paging cannot pass")
-            self.limit = min(self.max_limit, self.limit * 2)
-            return slice(head, head)
-        if whole is None and tail is not None:
-            self.key, self.after, self.skip, self.limit, self.retries = tail, True, 0, self.base, 0
-            return slice(head, n)
-        self.retries += 1
-        if self.retries >= self.MAX_RETRIES:
-            from syncd.errors import MalformedResponse
-            raise MalformedResponse(f"{self.retries} answers in a row from {self.key!r} ended short of what the "
-                                    "server holds (cut, or capped inside one group)")
-        return slice(head, head)
-
-    def _head(self, keys: list[Any]) -> int:
-        """Unreadable rows the last answer kept that head this one again."""
-        head = 0
-        while head < min(self.skip, len(keys)) and keys[head] is None:
-            head += 1
-        return head
-
-    def _tail(self, keys: list[Any]) -> Any:
-        return next((k for k in reversed(keys) if k is not None), None)

@@ -15,7 +15,7 @@ import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from syncd.errors import MalformedResponse, RateLimited, RequestRejected, VendorAuthError, VendorUnavailable
-from syncd.events import TS_MAX_MS, TS_RANGE, Event, describe_ms, parse_iso_ms
+from syncd.events import TS_MAX_MS, TS_RANGE, Event, describe_ms
 from syncd.http import retry_after
 from syncd.settings import IotoSource as IotoConfig
 from syncd.sources.base import (
@@ -32,6 +32,7 @@ from syncd.sources.base import (
     spoolable_text,
     valid,
 )
+from syncd.sources.times import parse_iso_ms
 
 PAGE_LIMIT = 1000  # always sent: the Builder docs default `limit` to 1 [D-gen]; no maximum documented [A]
 METRIC_NAMESPACE = "Embedthis/Device"  # the only namespace metric/fetch accepts [D-met]

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from syncd.errors import MalformedResponse, VendorAuthError
-from syncd.events import Event, seconds_to_ms
+from syncd.events import Event
 from syncd.settings import IotOpenSource as IotOpenConfig
 from syncd.sources.base import (
     DeadLetter,
@@ -29,6 +29,7 @@ from syncd.sources.base import (
     reconcile_due,
     spoolable_text,
 )
+from syncd.sources.times import seconds_to_ms
 
 # Values need ~5 s to show up after publishing [S]; read the log only up to now minus this.
 PROPAGATION_LAG_S = 10

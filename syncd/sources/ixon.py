@@ -13,7 +13,7 @@ import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from syncd.errors import MalformedResponse, RequestRejected, VendorAuthError
-from syncd.events import Event, iso_field_ms, ms_to_iso
+from syncd.events import Event, ms_to_iso
 from syncd.http import default_error
 from syncd.settings import IxonSource as IxonConfig
 from syncd.sources.base import (
@@ -30,6 +30,7 @@ from syncd.sources.base import (
     spoolable_text,
     valid,
 )
+from syncd.sources.times import iso_field_ms
 
 API_VERSION = "2"  # required header on every call [S]
 # Only used when discovery does not name a rel [A: brief §1, "fall back to the paths below"].

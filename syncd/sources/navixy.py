@@ -22,10 +22,11 @@ from syncd.errors import (
     VendorAuthError,
     VendorUnavailable,
 )
-from syncd.events import Event, iso_field_ms
+from syncd.events import Event
 from syncd.settings import NavixySource as NavixyConfig
 from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter, loads_lenient, mapped, spoolable_text, valid
 from syncd.sources.mqtt_push import MqttSubscription, payload_bytes, topic_matches
+from syncd.sources.times import iso_field_ms
 
 log = structlog.get_logger("syncd.navixy")
 

@@ -41,7 +41,8 @@ from syncd.errors import MalformedResponse, VendorAuthError, VendorUnavailable
 from syncd.events import Event
 from syncd.http import Response, default_error
 from syncd.settings import ProxusSource as ProxusConfig
-from syncd.sources.base import DeadLetter, KeysetPaginator, Page, Source, Stream, loads_lenient, mapped, spoolable_text
+from syncd.sources.base import DeadLetter, Page, Source, Stream, loads_lenient, mapped, spoolable_text
+from syncd.sources.paging import KeysetPaginator
 
 log = structlog.get_logger("syncd.proxus")
 
