@@ -343,11 +343,11 @@ class Syncer:
         self.wake()
         new_dead = len(payload["d"])  # the spool leaves out letters it already holds (a re-read page)
         run.cursor = page.cursor
-        run.pages, run.events, run.dead = run.pages + 1, run.events + len(page.events), run.dead + new_dead
-        state.events += len(page.events)
+        run.pages, run.events, run.dead = run.pages + 1, run.events + len(page), run.dead + new_dead
+        state.events += len(page)
         state.pages += 1
         state.lag_s = page.lag_s
-        self.metrics.inc("syncd_events_total", len(page.events), source=source.name, kind=stream.kind)
+        self.metrics.inc("syncd_events_total", len(page), source=source.name, kind=stream.kind)
         self.metrics.inc("syncd_pages_total", source=source.name)
         if page.late:
             self.metrics.inc("syncd_late_rows_total", page.late, source=source.name, stream=stream.name)

@@ -49,6 +49,8 @@ def seconds_to_ms(seconds: Any) -> int:
         raise ValueError(f"not epoch seconds: {seconds!r}"[:200])
     if isinstance(seconds, int):
         ms = seconds * 1000
+    elif isinstance(seconds, float) and 0 <= seconds < 1e10 and abs((scaled := seconds * 1000) % 1 - 0.5) > 0.01:
+        ms = round(scaled)  # far from a tie the binary product rounds as the decimal text does (error < 1e-3 ms)
     else:
         text = repr(seconds) if isinstance(seconds, float) else seconds.strip()
         whole, _, frac = text.partition(".")
