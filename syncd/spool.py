@@ -13,6 +13,7 @@ import hashlib
 import sqlite3
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 import orjson
 
 P = ParamSpec("P")
+FRESH_BYTES = 16 * 2**20  # encoded bytes of just-committed pages kept decoded for the drainers (~4x in memory)
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -93,6 +95,10 @@ class Spool:
             self.epoch = row[0]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-spool")
         self.pending_bytes = int(self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM pages").fetchone()[0])
+        # Pages this process committed, as the objects it committed (id -> created, size, payload): a drainer gets
+        # them without decoding what was just encoded. Only after a restart, or past FRESH_BYTES, is the file read.
+        self._fresh: OrderedDict[int, tuple[float, int, dict[str, Any]]] = OrderedDict()
+        self._fresh_bytes = 0
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a spool method on the spool's own thread (SQLite fsyncs must not block the event loop)."""
@@ -118,25 +124,30 @@ class Spool:
         A dead letter already stored for the stream (same reason and payload: a re-read page) is left out;
         `payload["d"]` holds only the new ones afterwards.
         """
-        page_id = None
+        page_id, size, created = None, 0, time.time()
         with self._tx():
             if payload.get("d"):
                 payload["d"] = [d for d in payload["d"] if self._first_sighting(source, stream, d)]
             if any(payload.get(k) for k in ("e", "d", "s")):
                 data = orjson.dumps(payload)
-                rows = len(payload.get("e", ()))
+                rows, size = len(payload.get("e", ())), len(data)
                 cur = self._db.execute(
                     "INSERT INTO pages (created, rows, bytes, source, stream, data) VALUES (?,?,?,?,?,?)",
-                    (time.time(), rows, len(data), source, stream, data),
+                    (created, rows, size, source, stream, data),
                 )
                 page_id = cur.lastrowid
-                self.pending_bytes += len(data)
+                self.pending_bytes += size
             if cursor is not None:
                 self._db.execute(
                     "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(source, stream) DO UPDATE "
                     "SET cursor=excluded.cursor, updated=excluded.updated",
                     (source, stream, orjson.dumps(cursor).decode(), time.time()),
                 )
+        if page_id is not None:  # committed: from now on a drainer may have it
+            self._fresh[page_id] = (created, size, dict(payload))
+            self._fresh_bytes += size
+            while self._fresh_bytes > FRESH_BYTES:
+                self._fresh_bytes -= self._fresh.popitem(last=False)[1][1]
         return page_id
 
     def _first_sighting(self, source: str, stream: str, letter: list[Any]) -> bool:
@@ -202,13 +213,22 @@ class Spool:
                 return None
             with self._tx():
                 self._db.execute("UPDATE sinks SET inflight_first=?, inflight_last=? WHERE name=?", (first, last, sink))
+        return Batch(sink, first, last, f"{self.epoch}-{sink}-{first}-{last}", self._pages(first, last))
+
+    def _pages(self, first: int, last: int) -> list[dict[str, Any]]:
+        """Pages first..last, each with `at` (when syncd stored it: how old an event was when fetched, for
+        mqtt.max_age); from memory when this process committed all of them, else decoded from the file."""
+        ids = [r[0] for r in self._db.execute("SELECT id FROM pages WHERE id BETWEEN ? AND ? ORDER BY id", (first, last))]
+        fresh = self._fresh
+        if all(i in fresh for i in ids):
+            return [{**fresh[i][2], "at": fresh[i][0]} for i in ids]
         pages = []
         for created, data in self._db.execute(
                 "SELECT created, data FROM pages WHERE id BETWEEN ? AND ? ORDER BY id", (first, last)):
             page = orjson.loads(data)
-            page["at"] = created  # when syncd stored it: how old an event was when fetched (mqtt.max_age)
+            page["at"] = created
             pages.append(page)
-        return Batch(sink, first, last, f"{self.epoch}-{sink}-{first}-{last}", pages)
+        return pages
 
     def ack(self, batch: Batch) -> None:
         """The sink has every page of the batch: advance it and delete pages every sink has."""
@@ -250,6 +270,8 @@ class Spool:
         if freed:
             self._db.execute("DELETE FROM pages WHERE id <= ?", (low,))
             self.pending_bytes -= int(freed)
+        while self._fresh and next(iter(self._fresh)) <= low:
+            self._fresh_bytes -= self._fresh.popitem(last=False)[1][1]
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)

@@ -109,3 +109,34 @@ def test_upgrade_moves_events_and_latest_to_sort_keys_with_the_source(tmp_path: 
     assert count == [[101]]  # the 100 rows kept, and source b's row beside source a's, not over it
     assert latest == [["a", 99.0], ["b", 5.0]]  # the view feeds the rekeyed latest
     assert leftovers == [[0]]
+
+
+def test_drainers_get_this_process_pages_from_memory_and_the_same_from_the_file_after_a_restart(tmp_path: Path) -> None:
+    import syncd.spool as spool_module
+
+    spool = Spool(tmp_path / "state.db")
+    spool.register_sinks(["a", "b"])
+    rows = [[2**64 - 1 - i, "s", "iotopen", "log", "1", "d", "m", 1_700_000_000_000 + i, i / 3, None, {"u": "C"}]
+            for i in range(3)]
+    for n in range(4):
+        spool.commit_page("s", "log/1", {"src": "s", "vendor": "iotopen", "stream": "log/1", "e": rows[: n % 3 + 1],
+                                         "d": [["r", f"p{n}"]]}, {"n": n})
+    fresh = spool.next_batch("a", 100)
+    assert fresh is not None and fresh.pages[0]["e"][0] is rows[0]  # the very objects committed: nothing decoded
+    spool.ack(fresh)
+    spool.close()
+    again = Spool(tmp_path / "state.db")
+    from_file = again.next_batch("b", 100)
+    assert from_file is not None and from_file.pages == fresh.pages and from_file.token == fresh.token.replace("-a-", "-b-")
+    again.ack(from_file)
+    assert again.next_batch("a", 100) is None and again.pending_bytes == 0
+    # past the budget the oldest pages are read back from the file, the same pages
+    budget, spool_module.FRESH_BYTES = spool_module.FRESH_BYTES, 1
+    try:
+        small = Spool(tmp_path / "small.db")
+        small.register_sinks(["a"])
+        small.commit_page("s", "log/1", {"e": rows}, None)
+        batch = small.next_batch("a", 100)
+        assert batch is not None and batch.pages[0]["e"] == rows and batch.pages[0]["e"][0] is not rows[0]
+    finally:
+        spool_module.FRESH_BYTES = budget
