@@ -15,7 +15,8 @@ Late rows: every run compares `count()` over the last OVERLAP_MS before its curs
 and every `reconcile_every` (default RECONCILE_EVERY_S) over the whole `late_window` (default LATE_WINDOW_S);
 a difference re-reads from the window's start (event ids make the overlap free) and is reported as `Page.late`.
 A row that lands later than `late_window` after its Time, or between two reconciles more than `late_window` late,
-is not found.
+is not found. (Not `LateTally`: that compares a re-read with what was stored; this server can count, so a re-read
+happens only when its count says rows are missing.)
 """
 
 from __future__ import annotations
@@ -23,26 +24,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import calendar
 import copy
 import operator
-import re
 import time
-from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
-from functools import lru_cache
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict
 
 from syncd.errors import MalformedResponse, VendorAuthError, VendorUnavailable
 from syncd.events import Event
 from syncd.http import Response, default_error
 from syncd.settings import ProxusSource as ProxusConfig
-from syncd.sources.base import DeadLetter, Page, Source, Stream, loads_lenient, mapped, spoolable_text
-from syncd.sources.paging import KeysetPaginator
+from syncd.sources.base import DeadLetter, Page, PageBuilder, Source, Stream, late_settings, loads_lenient, mapped, valid_all
+from syncd.sources.paging import KeysetPaginator, ODataPaginator, collect
+from syncd.sources.times import ClickHouseMs, IsoMs, clickhouse_ms
+from syncd.sources.track import AlertTracker
 
 log = structlog.get_logger("syncd.proxus")
 
@@ -70,36 +69,6 @@ COLUMNS = "Time, DeviceId, DeviceName, Key, DataType, NumericValue, StringValue"
 # OData casing is undocumented: properties are matched case-insensitively onto these spellings [A]
 CANON = {k.lower(): k for k in ("Id", "Name", "DeviceName", "DeviceId", "RuleId", "Severity", "Message", "Status",
                                 "CreatedOn")} | {"oid": "Id"}
-_CH_TIME = re.compile(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?")
-_FRACTION = re.compile(r"(\.\d{6})\d+")  # .NET renders 7 fractional digits; datetime reads at most 6
-
-
-def _check_year(year: int) -> None:
-    if not 1900 <= year <= 2299:  # DateTime64's range: anything outside is a placeholder such as 0001-01-01
-        raise ValueError(f"year {year} is outside 1900-2299")
-
-
-@lru_cache(maxsize=8192)
-def _second_ms(text: str) -> int:
-    dt = datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
-    _check_year(dt.year)
-    return calendar.timegm(dt.timetuple()) * 1000
-
-
-def ch_time_ms(text: str) -> int:
-    """ClickHouse DateTime64 text `YYYY-MM-DD hh:mm:ss.fff` (no zone: UTC [A]) to epoch ms."""
-    m = _CH_TIME.fullmatch(text)
-    if m is None:
-        raise ValueError(f"{text!r} is not a DateTime64 like '2025-02-25 09:36:00.000'")
-    return _second_ms(m.group(1)) + int((m.group(2) or "")[:3].ljust(3, "0"))
-
-
-def iso_ms(text: str) -> int:
-    """OData DateTimeOffset (ISO 8601, `Z` or offset; naive = UTC) to epoch ms, exactly."""
-    dt = datetime.fromisoformat(_FRACTION.sub(r"\1", text))
-    _check_year(dt.year)
-    dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-    return calendar.timegm(dt.timetuple()) * 1000 + dt.microsecond // 1000
 
 
 def _sql_time(ms: int) -> str:
@@ -199,20 +168,13 @@ class TelemetryRow(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    Time: int
+    Time: ClickHouseMs
     DeviceId: int
     DeviceName: str = ""
     Key: str
     DataType: str | int = ""
     NumericValue: float | None = None
     StringValue: str = ""
-
-    @field_validator("Time", mode="before")
-    @classmethod
-    def _time(cls, v: Any) -> int:
-        if not isinstance(v, str):
-            raise ValueError("must be a DateTime64 string")
-        return ch_time_ms(v)
 
 
 class ProxusAlert(BaseModel):
@@ -226,14 +188,7 @@ class ProxusAlert(BaseModel):
     Severity: str | int | None = None
     Message: str | None = None
     Status: str | None = None
-    CreatedOn: int
-
-    @field_validator("CreatedOn", mode="before")
-    @classmethod
-    def _created(cls, v: Any) -> int:
-        if not isinstance(v, str):
-            raise ValueError("must be an ISO 8601 DateTimeOffset string")
-        return iso_ms(v)
+    CreatedOn: IsoMs
 
 
 def _canon(record: dict[str, Any]) -> dict[str, Any]:
@@ -242,8 +197,8 @@ def _canon(record: dict[str, Any]) -> dict[str, Any]:
 
 def _line_time(record: dict[str, Any]) -> int | None:
     try:
-        return ch_time_ms(record["Time"])
-    except (KeyError, TypeError, ValueError):
+        return clickhouse_ms(record["Time"])
+    except (KeyError, ValueError):
         return None
 
 
@@ -264,6 +219,13 @@ def _count_lines(records: list[dict[str, Any]], counts: dict[str, int], count_fr
             counts[str(bucket)] = counts.get(str(bucket), 0) + lines
 
 
+def alert_cursor(cursor: Any) -> Any:
+    """An alert cursor in today's layout; carried over: {"since", "seen": {id: [Status, CreatedOn]}}."""
+    if isinstance(cursor, dict) and "seen" in cursor:
+        return {"since": cursor["since"], "open": {k: [v, v[1]] for k, v in cursor["seen"].items()}, "closed": {}}
+    return cursor
+
+
 class ProxusSource(Source):
     vendor = "proxus"
     default_streams = ("telemetry", "alert")
@@ -281,6 +243,8 @@ class ProxusSource(Source):
         self.page_size = min(self.config.page_size or PAGE_SIZE, MAX_ROWS)
         self._login_lock = asyncio.Lock()
         self._attrs: dict[tuple[str, str | int], dict[str, str]] = {}
+        self.late_window_ms, every_s = late_settings(self.config, LATE_WINDOW_S, RECONCILE_EVERY_S)
+        self.reconcile_every_ms = int(every_s * 1000)
 
     # -- auth -----------------------------------------------------------------------------------------
 
@@ -319,26 +283,21 @@ class ProxusSource(Source):
 
     # -- OData ----------------------------------------------------------------------------------------
 
-    async def _odata(self, entity: str, params: dict[str, str]) -> AsyncIterator[list[Any]]:
-        """Every item of an entity set: $top/$skip windows, each followed through the server's @odata.nextLink."""
-        skip = 0
-        while True:
-            url = f"{self.config.base_url}{ODATA_PATH}{entity}"
-            query: dict[str, str] | None = {**params, "$orderby": ODATA_KEY, "$top": str(ODATA_TOP), "$skip": str(skip)}
-            got = 0
-            while url:
-                doc = (await self._call("GET", url, params=query, expect_json=True)).data
-                if not isinstance(doc, dict) or not isinstance(doc.get("value"), list):
-                    raise MalformedResponse(f"OData answer for {entity} has no value array", url=url)
-                got += len(doc["value"])
-                yield doc["value"]
-                link = doc.get("@odata.nextLink")
-                if link is not None and not isinstance(link, str):
-                    raise MalformedResponse(f"OData answer for {entity}: @odata.nextLink is not a URL", url=url)
-                url, query = (self._rebase(link), None) if link else ("", None)
-            if got != ODATA_TOP:  # a short window is the last; more than $top means $top was ignored
-                return
-            skip += got
+    async def _odata(self, entity: str, params: dict[str, str]) -> list[Any]:
+        """Every item of an entity set, in key order ($top/$skip windows through the server's @odata.nextLink)."""
+        where = f"OData answer for {entity}"
+
+        async def page(pager: ODataPaginator) -> list[Any]:
+            window = pager.params()  # None: the next link is the whole request
+            url = self._rebase(pager.link) if pager.link else f"{self.config.base_url}{ODATA_PATH}{entity}"
+            query = None if window is None else {**params, "$orderby": ODATA_KEY, **window}
+            doc = (await self._call("GET", url, params=query, expect_json=True)).data
+            if not isinstance(doc, dict) or not isinstance(doc.get("value"), list):
+                raise MalformedResponse(f"{where} has no value array", url=url)
+            pager.update_state(len(doc["value"]), doc.get("@odata.nextLink"), where)
+            return doc["value"]
+
+        return await collect(ODataPaginator(ODATA_TOP), page)
 
     def _rebase(self, link: str) -> str:
         """A nextLink onto the configured base URL: a server behind a proxy may print its inner origin."""
@@ -348,11 +307,10 @@ class ProxusSource(Source):
 
     async def discover(self) -> list[Stream]:
         devices: dict[str, str] = {}
-        async for items in self._odata("Device", {}):
-            for raw in items:
-                rec = _canon(raw) if isinstance(raw, dict) else {}
-                if rec.get("Id") is not None:
-                    devices[str(rec["Id"])] = str(rec.get("Name") or rec.get("DeviceName") or "")
+        for raw in await self._odata("Device", {}):
+            rec = _canon(raw) if isinstance(raw, dict) else {}
+            if rec.get("Id") is not None:
+                devices[str(rec["Id"])] = str(rec.get("Name") or rec.get("DeviceName") or "")
         self.devices = devices
         return [Stream(kind, kind, self.name) for kind in self.enabled_kinds if kind in ("telemetry", "alert")]
 
@@ -363,33 +321,27 @@ class ProxusSource(Source):
         return await self._fetch_telemetry(stream, cursor)
 
     # -- alerts ---------------------------------------------------------------------------------------
+    # cursor: since (alerts created before it are no longer read) and the AlertTracker's state, keyed by alert id,
+    # each with the [Status, CreatedOn] it was last emitted in; no alert is ever "closed" (Resolved is a status).
 
     async def _fetch_alerts(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
         """Alerts created since the watch window; new ones and status changes are emitted (same event id)."""
         now = self.now_ms()
-        cursor = cursor or {"since": self.first_ms(now, stream.name), "seen": {}}
-        since, seen = int(cursor["since"]), dict(cursor["seen"])
+        cursor = alert_cursor(cursor) or {"since": self.first_ms(now, stream.name)}
+        since, alerts = int(cursor["since"]), AlertTracker(cursor)
         iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since // 1000)) + f".{since % 1000:03d}Z"
-        events: list[Event] = []
-        dead: list[DeadLetter] = []
-        async for items in self._odata("Alert", {"$filter": f"{ALERT_TIME} ge {iso}"}):
-            for alert, event in mapped(items, dead, lambda raw: self._alert(stream.tenant, raw)):
-                state = [alert.Status or "", alert.CreatedOn]
-                key = spoolable_text(str(alert.Id))  # the cursor is spooled as UTF-8 JSON
-                if seen.get(key) == state:
-                    continue
-                seen[key] = state
-                events.append(event)
+        b, dead = PageBuilder(self), list[DeadLetter]()
+        items = await self._odata("Alert", {"$filter": f"{ALERT_TIME} ge {iso}"})
+        for alert, fields in mapped(items, dead, lambda raw: self._alert_fields(stream.tenant, raw)):
+            if alerts.update(str(alert.Id), [alert.Status or "", alert.CreatedOn], alert.CreatedOn):
+                b.add(*fields)
         since = max(since, now - ALERT_WATCH_MS)
-        cursor = {"since": since, "seen": {k: v for k, v in seen.items() if v[1] >= since}}
-        return Page(events, cursor, done=True, dead=dead, lag_s=0.0)
+        alerts.forget(since, open_too=True)
+        return b.page({"since": since, **alerts.state()}, done=True, dead=dead, lag_s=0.0)
 
-    def _alert(self, tenant: str, raw: Any) -> tuple[ProxusAlert, Event]:
-        """One OData Alert as (alert, event); raises on anything unreadable (the caller dead-letters it)."""
+    def _alert_fields(self, tenant: str, raw: Any) -> tuple[ProxusAlert, tuple[Any, ...]]:
+        """One OData Alert as (alert, its event's fields); raises on anything unreadable (the caller dead-letters it)."""
         alert = ProxusAlert.model_validate(_canon(raw) if isinstance(raw, dict) else raw)
-        return alert, self._alert_event(tenant, alert, raw)
-
-    def _alert_event(self, tenant: str, alert: ProxusAlert, raw: dict[str, Any]) -> Event:
         device = "" if alert.DeviceId is None else str(alert.DeviceId)
         attrs = {"alert_id": str(alert.Id)}
         for key, value in (("rule_id", alert.RuleId), ("severity", alert.Severity), ("status", alert.Status),
@@ -399,22 +351,17 @@ class ProxusSource(Source):
         for key, value in raw.items():  # fields the brief does not know yet are kept, not dropped
             if key.lower() not in CANON and not key.startswith("@") and value is not None:
                 attrs[key] = value if isinstance(value, str) else orjson.dumps(value).decode()
-        return self.event("alert", tenant, device, "alert", alert.CreatedOn, None, alert.Message, attrs)
+        return alert, ("alert", tenant, device, "alert", alert.CreatedOn, None, alert.Message, attrs)
+
+    def _alert(self, tenant: str, raw: Any) -> tuple[ProxusAlert, Event]:
+        """`_alert_fields` as an Event (the property tests' entry point)."""
+        alert, fields = self._alert_fields(tenant, raw)
+        return alert, Event(self.name, self.vendor, *fields)
 
     # -- telemetry ------------------------------------------------------------------------------------
     # cursor: done_to (rows before it were scanned), counts {bucket: lines} over [floor, done_to) for the late-row
     # checks, reconciled_at (when the whole late window was last checked), and while a run is under way
     # run = {from, upper, count_from, page}: `upper` is pinned for the run, `page` is its KeysetPaginator.
-
-    @property
-    def late_window_ms(self) -> int:
-        window = self.config.late_window
-        return int((LATE_WINDOW_S if window is None else window) * 1000)
-
-    @property
-    def reconcile_every_ms(self) -> int:
-        every = self.config.reconcile_every
-        return int((RECONCILE_EVERY_S if every is None else every) * 1000)
 
     async def _fetch_telemetry(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
         now = self.now_ms()
@@ -444,14 +391,15 @@ class ProxusSource(Source):
             kept = pager.update_state(keys, whole)
             if kept.stop > kept.start or pager.done:
                 break
-        events, dead = self._normalize(stream.tenant, records[kept], cursor["counts"], int(run["count_from"]))
+        b = PageBuilder(self)
+        dead = self._add_rows(b, stream.tenant, records[kept], cursor["counts"], int(run["count_from"]))
         if not pager.done:
             run["page"] = pager.state()
-            return Page(events, cursor, done=False, dead=dead, lag_s=max(0.0, (now - int(pager.key)) / 1000), late=late)
+            return b.page(cursor, done=False, dead=dead, lag_s=max(0.0, (now - int(pager.key)) / 1000), late=late)
         floor = int(run["count_from"])
         cursor.update(done_to=upper, floor=floor, run=None,
-                      counts={b: n for b, n in cursor["counts"].items() if int(b) >= floor // BUCKET_MS})
-        return Page(events, cursor, done=True, dead=dead, lag_s=max(0.0, (now - upper) / 1000), late=late)
+                      counts={k: n for k, n in cursor["counts"].items() if int(k) >= floor // BUCKET_MS})
+        return b.page(cursor, done=True, dead=dead, lag_s=max(0.0, (now - upper) / 1000), late=late)
 
     async def _late_rows_start(self, cursor: dict[str, Any], now: int) -> tuple[int, int]:
         """Where this run starts, and how many late rows the server holds that no read saw.
@@ -515,32 +463,38 @@ class ProxusSource(Source):
             out.append({"_line": line.decode("utf-8", "replace")})  # a row ClickHouse wrote as no valid JSON (bad UTF-8)
         return out
 
-    def _normalize(self, tenant: str, records: list[dict[str, Any]], counts: dict[str, int],
-                   count_from: int) -> tuple[list[Event], list[DeadLetter]]:
-        """Events of a page's rows; every line is counted per time bucket (what `count()` will say later)."""
+    def _add_rows(self, b: PageBuilder, tenant: str, records: list[dict[str, Any]], counts: dict[str, int],
+                  count_from: int) -> list[DeadLetter]:
+        """A page's lines as events on `b` (and its dead letters); every line is counted per time bucket (what
+        `count()` will say later)."""
         _count_lines(records, counts, count_from)
-        events: list[Event] = []
         dead = [DeadLetter("line is not a JSON object", r["_line"][:2000]) for r in records if "_line" in r]
         previous: tuple[int, int, str] | None = None
-        rows = (r for r in records if "_line" not in r)
-        for ident, event in mapped(rows, dead, lambda record: self._telemetry(tenant, record)):
-            if ident == previous:  # an exact copy from a retried insert (rows arrive sorted, so copies are adjacent)
-                continue
+        for row in valid_all(TelemetryRow, [r for r in records if "_line" not in r], dead):
+            ident = (row.Time, row.DeviceId, row.Key)
+            if ident != previous:  # else an exact copy from a retried insert (rows arrive sorted: copies are adjacent)
+                b.add(*self._telemetry_fields(tenant, row))
             previous = ident
-            events.append(event)
-        return events, dead
+        return dead
 
-    def _telemetry(self, tenant: str, record: dict[str, Any]) -> tuple[tuple[int, int, str], Event]:
-        """One line as (its identity, event); raises on anything unreadable (the caller dead-letters it)."""
-        row = TelemetryRow.model_validate(record)
-        return (row.Time, row.DeviceId, row.Key), self._telemetry_event(tenant, row)
-
-    def _telemetry_event(self, tenant: str, row: TelemetryRow) -> Event:
+    def _telemetry_fields(self, tenant: str, row: TelemetryRow) -> tuple[Any, ...]:
         is_text = row.DataType in STRING_DATA_TYPES
         attrs = self._attrs.get((row.DeviceName, row.DataType))
         if attrs is None:  # shared by every row of the device and type: events never mutate attrs
             attrs = self._attrs[(row.DeviceName, row.DataType)] = {"data_type": str(row.DataType),
                                                                     "device_name": row.DeviceName}
-        return self.event("telemetry", tenant, str(row.DeviceId), row.Key, row.Time,
-                          None if is_text else row.NumericValue, row.StringValue if row.StringValue or is_text else None,
-                          attrs)
+        return ("telemetry", tenant, str(row.DeviceId), row.Key, row.Time,
+                None if is_text else row.NumericValue, row.StringValue if row.StringValue or is_text else None, attrs)
+
+    # the property tests' entry points: a page's lines, and one line alone, as Event objects
+
+    def _normalize(self, tenant: str, records: list[dict[str, Any]], counts: dict[str, int],
+                   count_from: int) -> tuple[list[Event], list[DeadLetter]]:
+        b = PageBuilder(self)
+        dead = self._add_rows(b, tenant, records, counts, count_from)
+        return b.page(None, True).events, dead
+
+    def _telemetry(self, tenant: str, record: dict[str, Any]) -> tuple[tuple[int, int, str], Event]:
+        """Raises where `_add_rows` dead-letters the line."""
+        row = TelemetryRow.model_validate(record)
+        return (row.Time, row.DeviceId, row.Key), Event(self.name, self.vendor, *self._telemetry_fields(tenant, row))
