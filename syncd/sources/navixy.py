@@ -12,7 +12,7 @@ from typing import Any
 import aiomqtt
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from syncd.errors import (
     MalformedResponse,
@@ -22,15 +22,32 @@ from syncd.errors import (
     VendorAuthError,
     VendorUnavailable,
 )
-from syncd.events import Event
 from syncd.settings import NavixySource as NavixyConfig
-from syncd.sources.base import DeadLetter, Page, Source, Stream, dead_letter, loads_lenient, mapped, spoolable_text, valid
+from syncd.sources.base import (
+    DeadLetter,
+    Page,
+    PageBuilder,
+    Source,
+    Stream,
+    loads_lenient,
+    mapped,
+    spoolable_text,
+    valid,
+    valid_all,
+)
 from syncd.sources.mqtt_push import MqttSubscription, payload_bytes, topic_matches
-from syncd.sources.times import iso_field_ms
+from syncd.sources.paging import OffsetPaginator, collect
+from syncd.sources.times import IsoMs
+from syncd.sources.track import ChangeTracker
 
 log = structlog.get_logger("syncd.navixy")
 
-MAPPING_PAGE = 10_000  # sources/mapping/list default limit; the maximum is 100 000 [D-oas]
+FLOWS = "/iot/logic/flow/list"
+ENDPOINTS = "/iot/logic/flow/endpoint/list"  # POST, as endpoint/read [D-oas]
+ENDPOINT_READ = "/iot/logic/flow/endpoint/read"
+MAPPING = "/iot/logic/flow/sources/mapping/list"
+MAPPING_PAGE = 10_000  # sources/mapping/list default limit [D-oas]
+MAPPING_MAX = 100_000  # its largest limit; more is refused with code 212 [D-oas][D-err]
 # NGP header fields: kept as attrs, never metrics [A: §8 maps them to attrs]
 NGP_HEADER = ("device_id", "message_time", "version", "event_id")
 TRACKER_REFRESH_S = 300.0  # an NGP device_id missing from tracker/list reloads it at most this often [A]
@@ -45,13 +62,8 @@ class Flow(BaseModel):
     title: str = ""
     enabled: bool
     default_flow: bool = False
-    modified: int | None = None  # epoch ms
+    modified: IsoMs | None = None
     devices_count: int | None = None
-
-    @field_validator("modified", mode="before")
-    @classmethod
-    def _modified(cls, v: Any) -> int | None:
-        return None if v is None else iso_field_ms(v)
 
 
 class Endpoint(BaseModel):
@@ -103,19 +115,15 @@ class NgpHeader(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     device_id: str = Field(min_length=1)
-    message_time: int  # epoch ms
+    message_time: IsoMs
     version: Any = None  # optional: any shape is kept as text, never a reason to drop the message
     event_id: Any = None
 
-    @field_validator("message_time", mode="before")
-    @classmethod
-    def _message_time(cls, v: Any) -> int:
-        return iso_field_ms(v)
+
+Metric = tuple[str, float | None, str | None]  # (metric, value, text) of one NGP attribute
 
 
-
-
-def flatten(prefix: str, value: Any, out: list[tuple[str, float | None, str | None]]) -> None:
+def flatten(prefix: str, value: Any, out: list[Metric]) -> None:
     """NGP attributes as (metric, value, text): nested keys joined with dots, bools 1/0, strings as text.
 
     JSON null and arrays (e.g. `mobile_cells`) carry no single value and give no metric [A].
@@ -202,38 +210,36 @@ class NavixySource(Source):
         return streams
 
     async def _load_devices(self) -> None:
-        """NGP device_id -> source id with label/model from tracker/list, flow from the paged mapping list."""
-        trackers = (await self._call("POST", "/tracker/list", json={})).get("list") or []
-        flows: dict[int, FlowMapping] = {}
-        limit, offset = min(self.config.page_size or MAPPING_PAGE, 100_000), 0
-        while True:
-            body = await self._call("GET", "/iot/logic/flow/sources/mapping/list", params={"offset": offset, "limit": limit})
-            rows = body.get("list") or []
-            for raw in rows:
-                try:
-                    row = FlowMapping.model_validate(raw)
-                except ValidationError:
-                    continue  # enrichment only: a row we cannot read costs an attr, never data
-                flows[row.device_id] = row
-            offset += len(rows)
-            if not rows or offset >= int(body.get("count") or 0):
-                break
+        """NGP device_id -> source id with label/model from tracker/list, flow from the paged mapping list.
+
+        Both lists are enrichment only: telemetry is keyed by the NGP device_id, so a row we cannot read costs
+        attrs, never an event. Such rows are skipped, counted in a warning, not dead-lettered (no stream owns them).
+        """
+        skipped: list[DeadLetter] = []
+        trackers = valid_all(Tracker, _list(await self._call("POST", "/tracker/list", json={}), "/tracker/list"), skipped)
+
+        async def mapping_page(pager: OffsetPaginator) -> list[Any]:
+            body = await self._call("GET", MAPPING, params=pager.params())
+            rows = _list(body, MAPPING)
+            pager.update_state(len(rows), body.get("count"), MAPPING)  # `count` is the listing's total [D-oas]
+            return rows
+
+        pager = OffsetPaginator(limit=min(self.config.page_size or MAPPING_PAGE, MAPPING_MAX))
+        flows = {row.device_id: row.flow_id for row in valid_all(FlowMapping, await collect(pager, mapping_page), skipped)}
+        if skipped:
+            log.warning("navixy.inventory_rows_skipped", source=self.name, rows=len(skipped), first=skipped[0].reason)
         devices: dict[str, dict[str, str]] = {}
-        for raw in trackers:
-            try:
-                t = Tracker.model_validate(raw)
-            except ValidationError:
-                continue
+        for t in trackers:
             attrs = {"device_id": t.source.device_id, "source_id": str(t.source.id), "label": t.label,
                      "model": t.source.model, "tracker_id": str(t.id)}
-            if t.source.id in flows and flows[t.source.id].flow_id is not None:
-                attrs["flow_id"] = str(flows[t.source.id].flow_id)
+            if flows.get(t.source.id) is not None:
+                attrs["flow_id"] = str(flows[t.source.id])
             devices[t.source.device_id] = attrs
         self.devices, self.devices_at = devices, self.clock()
 
     async def mqtt_outputs(self) -> list[tuple[Flow, Endpoint]]:
         """Every (flow, output endpoint) pair with the endpoint as `endpoint/read` has it, for `syncd check`."""
-        flows = [Flow.model_validate(f) for f in (await self._call("GET", "/iot/logic/flow/list")).get("list") or []]
+        flows = [Flow.model_validate(f) for f in _list(await self._call("GET", FLOWS), FLOWS)]
         endpoints: dict[int, Endpoint] = {}
         out = []
         for flow in flows:
@@ -243,7 +249,7 @@ class NavixySource(Source):
                 if not isinstance(eid, int):
                     continue
                 if eid not in endpoints:
-                    read = await self._call("POST", "/iot/logic/flow/endpoint/read", json={"endpoint_id": eid})
+                    read = await self._call("POST", ENDPOINT_READ, json={"endpoint_id": eid})
                     endpoints[eid] = Endpoint.model_validate(read.get("value"))
                 out.append((flow, endpoints[eid]))
         return out
@@ -264,39 +270,32 @@ class NavixySource(Source):
     # -- status (polled) --------------------------------------------------------------------------
 
     async def fetch(self, stream: Stream, cursor: Any) -> Page:
-        """kind=status: one event per flow `enabled` and endpoint `status` that changed since the last poll."""
+        """kind=status: one event per flow `enabled` and endpoint `status` that changed since the last poll.
+
+        The cursor is {"flows": {id: "modified/enabled"}, "endpoints": {id: status}}, one ChangeTracker each.
+        """
         seen = cursor if isinstance(cursor, dict) else {}
-        flows_seen, eps_seen = dict(seen.get("flows", {})), dict(seen.get("endpoints", {}))
+        flows, endpoints = ChangeTracker(seen.get("flows")), ChangeTracker(seen.get("endpoints"))
         now_ms = self.now_ms()
-        events: list[Event] = []
+        b = PageBuilder(self)
         dead: list[DeadLetter] = []
-        for flow in valid(Flow, _list(await self._call("GET", "/iot/logic/flow/list"), "/iot/logic/flow/list"), dead):
-            mark = f"{flow.modified}/{int(flow.enabled)}"
-            if flows_seen.get(str(flow.id)) == mark:
+        for flow in valid_all(Flow, _list(await self._call("GET", FLOWS), FLOWS), dead):
+            if not flows.moved(str(flow.id), f"{flow.modified}/{int(flow.enabled)}"):
                 continue
-            flows_seen[str(flow.id)] = mark
             attrs = {"title": flow.title, "default_flow": str(flow.default_flow).lower()}
             if flow.devices_count is not None:
                 attrs["devices_count"] = str(flow.devices_count)
-            events.append(self.event("status", stream.tenant, f"flow:{flow.id}", "enabled",
-                                     flow.modified if flow.modified is not None else now_ms,
-                                     1.0 if flow.enabled else 0.0, None, attrs))
-        for raw in _list(await self._call("POST", "/iot/logic/flow/endpoint/list", json={}), "/iot/logic/flow/endpoint/list"):
-            try:
-                ref = Endpoint.model_validate(raw)
-                # status is only in endpoint/read [D-oas]
-                read = await self._call("POST", "/iot/logic/flow/endpoint/read", json={"endpoint_id": ref.id})
-                ep = Endpoint.model_validate(read.get("value"))
-            except ValidationError as err:
-                dead.append(dead_letter(raw, err))
-                continue
-            status = spoolable_text(ep.status)  # the cursor is spooled as UTF-8 JSON
-            if eps_seen.get(str(ep.id)) == status:
-                continue
-            eps_seen[str(ep.id)] = status
-            events.append(self.event("status", stream.tenant, f"endpoint:{ep.id}", "status", now_ms, None, ep.status,
-                                     {"title": ep.title, "type": ep.type}))
-        return Page(events, {"flows": flows_seen, "endpoints": eps_seen}, done=True, dead=dead, lag_s=0.0)
+            b.add("status", stream.tenant, f"flow:{flow.id}", "enabled",
+                  flow.modified if flow.modified is not None else now_ms, 1.0 if flow.enabled else 0.0, None, attrs)
+        for ref in valid_all(Endpoint, _list(await self._call("POST", ENDPOINTS, json={}), ENDPOINTS), dead):
+            # status is only in endpoint/read [D-oas]
+            read = await self._call("POST", ENDPOINT_READ, json={"endpoint_id": ref.id})
+            for ep in valid(Endpoint, [read.get("value")], dead):
+                # the mark is spooled in the cursor as UTF-8 JSON (the tracker escapes keys, not marks)
+                if endpoints.moved(str(ep.id), spoolable_text(ep.status)):
+                    b.add("status", stream.tenant, f"endpoint:{ep.id}", "status", now_ms, None, ep.status,
+                          {"title": ep.title, "type": ep.type})
+        return b.page({"flows": flows.state(), "endpoints": endpoints.state()}, done=True, dead=dead, lag_s=0.0)
 
     # -- telemetry (pushed) -----------------------------------------------------------------------
 
@@ -324,27 +323,31 @@ class NavixySource(Source):
         """A device_id we do not know may be a new tracker: reload the list, not more often than TRACKER_REFRESH_S."""
         if self.clock() - self.devices_at < TRACKER_REFRESH_S:
             return
-        if any(isinstance(r, dict) and r.get("device_id") not in self.devices for r in records):
+        # a device_id that is no string (a list, say: unhashable) is dead-lettered, never looked up
+        if any(isinstance(r, dict) and isinstance(r.get("device_id"), str) and r["device_id"] not in self.devices
+               for r in records):
             try:
                 await self._load_devices()
-            except (SyncdError, ValidationError) as err:  # telemetry goes on with the devices we know
+            except SyncdError as err:  # telemetry goes on with the devices we know
                 self.devices_at = self.clock()
                 log.warning("navixy.devices_not_refreshed", source=self.name, error=str(err))
 
     def _page(self, stream: Stream, records: list[dict[str, Any] | DeadLetter]) -> Page:
-        events: list[Event] = []
-        dead: list[DeadLetter] = []
-        dead += [r for r in records if isinstance(r, DeadLetter)]
+        """One MQTT batch as one page: every metric of every NGP message, or the message's dead letter."""
+        b = PageBuilder(self)
+        dead = [r for r in records if isinstance(r, DeadLetter)]
         messages = [r for r in records if not isinstance(r, DeadLetter)]
-        for head, found in mapped(messages, dead, lambda ngp: self._telemetry(stream.tenant, ngp)):
-            events += found
+        for head, attrs, metrics in mapped(messages, dead, self._telemetry):
+            for metric, value, text in metrics:
+                b.add("telemetry", stream.tenant, head.device_id, metric, head.message_time, value, text, attrs)
             self._newest_ms = max(self._newest_ms or head.message_time, head.message_time)
         lag = max(0.0, self.clock() - self._newest_ms / 1000) if self._newest_ms is not None else None
         cursor = {"session": self.subscription().client_id, "newest_ms": self._newest_ms}
-        return Page(events, cursor, done=False, dead=dead, lag_s=lag)
+        return b.page(cursor, done=False, dead=dead, lag_s=lag)
 
-    def _telemetry(self, tenant: str, ngp: dict[str, Any]) -> tuple[NgpHeader, list[Event]]:
-        """One NGP message as (its header, its events); raises on anything unreadable (the caller dead-letters it).
+    def _telemetry(self, ngp: dict[str, Any]) -> tuple[NgpHeader, dict[str, str], list[Metric]]:
+        """One NGP message as (its header, its attrs, its metrics); raises on anything unreadable (the caller
+        dead-letters it), so a message gives all its events or none.
 
         The device is the NGP `device_id`, the one id every message carries. The brief's source id [A] is known only
         once tracker/list lists the tracker: a series would change key when the list refreshes, and a redelivered
@@ -356,12 +359,11 @@ class NavixySource(Source):
             attrs["event_id"] = str(head.event_id)
         if head.version is not None:
             attrs["version"] = str(head.version)
-        values: list[tuple[str, float | None, str | None]] = []
+        metrics: list[Metric] = []
         for key, value in ngp.items():
             if key not in NGP_HEADER:
-                flatten(key, value, values)
-        return head, [self.event("telemetry", tenant, head.device_id, metric, head.message_time, value, text, attrs)
-                      for metric, value, text in values]
+                flatten(key, value, metrics)
+        return head, attrs, metrics
 
 
 def _record(m: aiomqtt.Message) -> dict[str, Any] | DeadLetter:
