@@ -14,6 +14,16 @@ from yarl import URL
 
 from syncd.sim.common import TruthRow, start_sims
 from syncd.sim.ixon import IxonSim
+from syncd.sim.ixon_query import (
+    SCHEMAS,
+    ApiError,
+    DataQuery,
+    field_spec,
+    matches,
+    parse_fields,
+    parse_filters,
+    project,
+)
 
 
 class FakeClock:
@@ -229,6 +239,70 @@ async def test_tags_and_alarm_occurrences_shape(api: Api) -> None:
     assert set(o["alarm"]) == {"publicId", "name", "severity"} and o["alarm"]["severity"] in ("low", "medium", "high")
     assert {"occurredOn", "rtnOn", "acknowledged", "stillActiveOn", "comment"} <= set(o)
     assert any('"' in x["alarm"]["name"] and "+" in x["alarm"]["name"] for x in body["data"])  # hostile name
+
+
+# -- the query languages, directly ---------------------------------------------------------------------------------
+def test_fields_parse_to_nested_specs_and_refuse_bad_syntax() -> None:
+    assert parse_fields("a,b.c,d(e,f.g),b(h),a.i") == {"a": {"i": None}, "b": {"c": None, "h": None},
+                                                        "d": {"e": None, "f": {"g": None}}}
+    assert field_spec(None, "DataTag") == {"publicId": None, "tagId": None, "name": None, "slug": None}
+    for text, message in (("a(b", "Malformed fields parameter"), ("a,,b", "Malformed fields parameter"),
+                          ("name.x", "Unknown field name"), ("variable.nope", "Unknown field variable.nope")):
+        with pytest.raises(ApiError) as e:
+            field_spec(text, "DataTag")
+        assert (e.value.status, e.value.message, e.value.prop, e.value.index) == (400, message, "fields", None)
+
+
+def test_projection_keeps_public_id_and_names_references() -> None:
+    tag = {"publicId": "T1", "tagId": 4, "name": "Oven", "slug": "oven", "retentionPolicy": "52w",
+           "source": {"publicId": "S1", "name": "PLC", "slug": "plc"},
+           "variable": {"variableId": 9, "name": "Oven", "slug": "oven", "type": "float", "unit": "°C", "factor": 1}}
+    schema = SCHEMAS["DataTag"]
+    assert project(tag, parse_fields("slug,source,variable.unit"), schema) == {
+        "publicId": "T1", "slug": "oven", "source": {"publicId": "S1", "name": "PLC"},
+        "variable": {"unit": "°C"}}  # a variable has no publicId or name in its schema: only what was asked
+    got = project(tag, parse_fields("*,source(slug)"), schema)
+    assert list(got) == list(schema) and got["source"] == {"publicId": "S1", "slug": "plc"} and got["logEvent"] is None
+    assert project([tag, None], {"tagId": None}, schema) == [{"publicId": "T1", "tagId": 4}, None]
+
+
+def test_filters_evaluate_and_refuse_unknown_ops_fields_and_literals() -> None:
+    schema = SCHEMAS["AlarmOccurrence"]
+    occ = {"publicId": "O1", "alarm": {"name": 'Druck > 5 "bar"', "severity": "high"},
+           "occurredOn": "2025-10-08T10:00:00.500Z", "rtnOn": None, "acknowledged": False}
+
+    def holds(text: str) -> bool:
+        return matches(occ, parse_filters(text, schema))
+
+    assert parse_filters('eq(alarm.severity,"high"),in(publicId,"O1","O2")', schema) == [
+        ("eq", "alarm.severity", ["high"]), ("in", "publicId", ["O1", "O2"])]
+    assert holds('gt(occurredOn,"2025-10-08T12:00:00+02:00")')  # compared as instants, not text
+    assert not holds('lt(occurredOn,"2025-10-08T10:00:00.5Z")')
+    assert holds("isnull(rtnOn),eq(acknowledged,false)") and not holds("isnotnull(rtnOn)")
+    assert holds(r'contains(alarm.name,"\"bar\"")') and holds('differs(alarm.severity,"low")')
+    assert not holds('eq(alarm.severity,"high"),eq(publicId,"O2")')  # all AND-ed
+    assert holds("") and matches(occ, [])
+    for text, message in (('like(publicId,"x")', "Malformed filters parameter"),
+                          ('eq(publicId,"x"', "Malformed filters parameter"),
+                          ('eq(alarm.nope,"x")', "Unknown filter field alarm.nope"),
+                          ("eq(publicId,O1)", "Filter values must be quoted strings, numbers, true, false or null")):
+        with pytest.raises(ApiError) as e:
+            parse_filters(text, schema)
+        assert (e.value.status, e.value.message, e.value.prop) == (400, message, "filters")
+
+
+def test_datalist_query_aggregates_shapes_and_refuses_bad_options() -> None:
+    series = [(0, 1.0), (10, 3.0), (60_000, 10.0), (70_000, 14.0)]
+    q = DataQuery.parse({"postAggr": "mean", "step": "1m", "factor": 2, "decimals": 1}, 0, 120_000, None)
+    assert q.run(series, 0) == [(0, 4.0), (60_000, 24.0)]
+    diff = DataQuery.parse({"postTransform": "difference", "order": "desc", "limit": 2}, 0, 120_000, None)
+    assert diff.run(series, 0) == [(70_000, 4.0), (60_000, 7.0)]
+    raw = DataQuery.parse({"offset": 1, "limit": 2}, 0, 120_000, None)
+    assert raw.raw and list(raw.page(range(5))) == [1, 2]
+    with pytest.raises(ApiError) as e:
+        DataQuery.parse({"step": "5 minutes"}, 0, 120_000, 3)
+    assert (e.value.status, e.value.prop, e.value.index) == (400, "tags.queries.step", 3)
+    assert e.value.message == "step must be a positive number of seconds or a duration like 5m"
 
 
 def data_request(tag: dict[str, Any], ref: str, start: str = "2000-01-01T00:00:00Z",

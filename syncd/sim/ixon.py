@@ -24,6 +24,8 @@ Choices the connector must mirror (the brief's §8 leaves them open):
 - Worse than the connector assumes: `lag=300` makes every point visible 5 minutes after its time; with `lag_max`
   each point has its own lag between `lag` and `lag_max` (hashed), so one tag's points show up out of order (an
   upload landing point by point): a point may appear after a later one of its tag has been read.
+
+The request languages (fields, filters, list paging, DataList requests and queries) are in syncd.sim.ixon_query.
 """
 
 from __future__ import annotations
@@ -31,18 +33,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import bisect
 import hashlib
 import json
 import math
 import re
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -57,22 +55,13 @@ from syncd.sim.common import (
     raw_json,
     splice_raw,
 )
+from syncd.sim.ixon_query import ApiError, DataQuery, DataRequest, iso, list_page, selected
 
 LAG_MS = 60_000  # propagation lag (default of `lag`): data is visible once it is this old
 MAX_QUEUE_S = 5.0  # longest a buffered request may wait before it is refused
-MAX_LIMIT = 5000
-AGGS = {"count", "mean", "median", "mode", "spread", "sum", "first", "last", "max", "min", "raw"}
-OPS = {"lt", "lte", "eq", "ne", "gt", "gte", "in", "ni", "isnull", "isnotnull", "between", "contains"}
-ALIASES = {"less": "lt", "lessOrEqual": "lte", "equals": "eq", "differs": "ne", "greater": "gt",
-           "greaterOrEqual": "gte"}
 APP_RE = re.compile(r"[A-Za-z0-9]{12}")
-DATE_RE = re.compile(r"\d{4}-\d\d-\d\dT")
-FILTER_RE = re.compile(r'\s*(\w+)\(\s*([\w.]+)((?:\s*,\s*(?:"(?:[^"\\]|\\.)*"|[^,()"]+))*)\s*\)\s*(?:,|$)')
-ARG_RE = re.compile(r'\s*,\s*("(?:[^"\\]|\\.)*"|[^,()"]+)')
 COMPANY_RE = re.compile(r"\d{4}(-\d{4}){4}")
-CURSOR_PREFIX = b"\xfb\xff\xbf"  # encodes to "+/+/": cursors only survive proper URL encoding
 MASK, GOLDEN = (1 << 64) - 1, 0x9E3779B97F4A7C15
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 # (name, slug, unit, variable type)
@@ -99,12 +88,6 @@ SOURCES = [("PLC", "plc", "modbus"), ("Energy meter", "energy-meter", "opc-ua")]
 AGENT_NAMES = ["Press line 1", 'Linie 3/Presse "Süd" #2 +$', "Packaging robot", "Chiller östlich"]
 ALARMS = [("High temperature", "high", "threshold"), ('Druck > 5 bar / "Pumpe #2" +$ ✓', "medium", "threshold"),
           ("Door open", "low", "state")]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, prop: str | None = None, index: int | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.prop, self.index = status, message, prop, index
 
 
 @dataclass
@@ -249,8 +232,8 @@ class IxonSim(VendorSim):
             "serialNumber": f"IX2-{self._h('sn', a) % 10**8:08d}",
             "macAddress": ":".join(f"{b:02x}" for b in [0, 0x60, 0x35, a % 256, (a * 7) % 256, 0x11]),
             "activeStatus": "inactive" if a % 3 == 2 else "active",
-            "activeVpnSession": {"publicId": self._pid("vpn", a), "startedOn": _iso(changed)} if a == 0 else None,
-            "vpnChangedOn": _iso(changed), "mqttChangedOn": _iso(changed + 1_234), "timeZone": "Europe/Amsterdam",
+            "activeVpnSession": {"publicId": self._pid("vpn", a), "startedOn": iso(changed)} if a == 0 else None,
+            "vpnChangedOn": iso(changed), "mqttChangedOn": iso(changed + 1_234), "timeZone": "Europe/Amsterdam",
             "company": {"publicId": self.company_id, "name": self.company_name},
             "dataSources": [{k: s[k] for k in ("publicId", "name", "slug")} for s in sources]})
         step = max(1, self.history_ms // npoints)
@@ -321,9 +304,9 @@ class IxonSim(VendorSim):
             out.append({"publicId": self._pid("occ", a, j),
                         "alarm": {"publicId": self._pid("alarm", a, j % len(ALARMS)), "name": name, "type": atype,
                                   "severity": severity},
-                        "occurredOn": _iso(occ), "rtnOn": _iso(rtn) if closed else None,
-                        "acknowledged": closed, "acknowledgedOn": _iso((occ + rtn) // 2) if closed else None,
-                        "silenced": False, "stillActiveOn": None if closed else _iso(bound), "comment": comment,
+                        "occurredOn": iso(occ), "rtnOn": iso(rtn) if closed else None,
+                        "acknowledged": closed, "acknowledgedOn": iso((occ + rtn) // 2) if closed else None,
+                        "silenced": False, "stillActiveOn": None if closed else iso(bound), "comment": comment,
                         "_occ": occ, "_rtn": rtn if closed else None})
             j += 1
         return out
@@ -507,9 +490,9 @@ class IxonSim(VendorSim):
         tok = Token(self._pid("token", self.minted), self._pid("secret", self.minted, size=32),
                     int(now * 1000) + exp * 1000, None, body.get("trustedDeviceName"))
         self.tokens[tok.secret] = tok
-        obj = {"publicId": tok.public_id, "secretId": tok.secret, "expiresOn": _iso(tok.expires_ms or 0),
+        obj = {"publicId": tok.public_id, "secretId": tok.secret, "expiresOn": iso(tok.expires_ms or 0),
                "lastUsedOn": None, "trustedDeviceName": tok.name}
-        return self._ok("AccessToken", _project(obj, _spec(request, "AccessToken"), SCHEMAS["AccessToken"]), status=201)
+        return self._ok("AccessToken", selected(obj, request.query.get("fields"), "AccessToken"), status=201)
 
     async def _h_delete_token(self, request: web.Request, _: Any) -> web.Response:
         pid = request.match_info["publicId"]
@@ -535,7 +518,7 @@ class IxonSim(VendorSim):
 
     async def _h_agent(self, request: web.Request, _: Any) -> web.Response:
         a = self._agent(request)
-        return self._ok("Agent", _project(self.agent_objs[a], _spec(request, "Agent"), SCHEMAS["Agent"]))
+        return self._ok("Agent", selected(self.agent_objs[a], request.query.get("fields"), "Agent"))
 
     async def _h_sources(self, request: web.Request, _: Any) -> web.Response:
         pid = self.agent_objs[self._agent(request)]["publicId"]
@@ -552,31 +535,7 @@ class IxonSim(VendorSim):
                           lambda o: [o["_occ"], o["publicId"]])
 
     def _list(self, request: web.Request, rtype: str, kind: str, items: list[dict[str, Any]], key: Any) -> web.Response:
-        """Filter, then keyset-page on `key` (cursor = opaque base64 of the last key), then select fields."""
-        q = request.query
-        filters = _parse_filters(q["filters"], SCHEMAS[kind]) if "filters" in q else []
-        items = [o for o in items if all(_test(op, _values(o, path.split(".")), args) for op, path, args in filters)]
-        size = self.page_size
-        if "page-size" in q:
-            size = _int(q["page-size"], "page-size")
-            if size < 1:
-                raise ApiError(400, "page-size must be at least 1", "page-size")
-            size = min(size, self.max_page_size)
-        first = 0
-        if "page-after" in q:
-            try:
-                raw = base64.b64decode(q["page-after"], validate=True)
-                if not raw.startswith(CURSOR_PREFIX):
-                    raise ValueError
-                first = bisect.bisect_right([key(o) for o in items], json.loads(raw[len(CURSOR_PREFIX):]))
-            except (binascii.Error, ValueError, TypeError):
-                raise ApiError(400, "Invalid page-after cursor", "page-after") from None
-        page = items[first:first + size]
-        more = None
-        if first + size < len(items):
-            more = base64.b64encode(CURSOR_PREFIX + dumps(key(page[-1])).encode()).decode()
-        spec = _spec(request, kind)
-        return self._ok(rtype, [_project(o, spec, SCHEMAS[kind]) for o in page], more)
+        return self._ok(rtype, *list_page(request.query, kind, items, key, self.page_size, self.max_page_size))
 
     async def _h_data(self, request: web.Request, _: Any) -> web.Response:
         body = await _json(request)
@@ -587,114 +546,37 @@ class IxonSim(VendorSim):
         return self._ok("DataList", self._data_one(body, None), status=201)
 
     def _data_one(self, r: Any, idx: int | None) -> dict[str, Any]:
-        def fail(msg: str, prop: str | None) -> ApiError:
-            return ApiError(400, msg, prop, idx)
-
-        if not isinstance(r, dict):
-            raise fail("A data request must be an object", None)
-        src_id = r["source"].get("publicId") if isinstance(r.get("source"), dict) else None
-        if not isinstance(src_id, str):
-            raise fail("source.publicId is required", "source.publicId")
-        src = self.sources.get(src_id)
-        if src is None:
-            raise ApiError(404, "Data source not found", "source.publicId", idx)
-        tzname = r.get("timeZone", "UTC")
-        try:
-            tz = ZoneInfo(tzname)
-        except (TypeError, ValueError, KeyError, OSError):
-            raise fail("Unknown timeZone", "timeZone") from None
-        start, end = _parse_time(r.get("start"), tz), _parse_time(r.get("end"), tz)
-        if start is None or end is None:
-            raise fail("start and end must be ISO 8601 date-times", "start" if start is None else "end")
-        if start >= end:
-            raise fail("end must be after start", "end")
-        a = self.agent_index[src["agent"]["publicId"]]
-        tags = [t for t in self.tags[a] if t.obj["source"]["publicId"] == src["publicId"]]
-        specs = r.get("tags")
-        if not isinstance(specs, list) or not specs:
-            raise fail("tags must be a non-empty list", "tags")
+        req = DataRequest.parse(r, idx, self.sources)
+        src = req.source
+        tags = [t for t in self.tags[self.agent_index[src["agent"]["publicId"]]]
+                if t.obj["source"]["publicId"] == src["publicId"]]
         points: dict[int, dict[str, Any]] = {}
         bad_times: dict[int, str] = {}  # poisoned points whose time goes out broken
-        refs: set[str] = set()
         desc = None
-        for spec in specs:
-            tid, slug = (spec.get("id"), spec.get("slug")) if isinstance(spec, dict) else (None, None)
-            tag = next((t for t in tags if (tid is not None and t.obj["tagId"] == tid and not isinstance(tid, bool))
-                        or (tid is None and slug is not None and t.obj["slug"] == slug)), None)
-            if tag is None:
-                raise fail("Tag not found in this data source", "tags.id" if tid is not None else "tags.slug")
-            if spec.get("preAggr", "raw") != "raw":
-                raise fail("preAggr must be raw", "tags.preAggr")
-            queries = spec.get("queries")
-            if not isinstance(queries, list) or not queries:
-                raise fail("queries must be a non-empty list", "tags.queries")
-            for q in queries:
-                if not isinstance(q, dict):
-                    raise fail("A query must be an object", "tags.queries")
-                ref = q.get("ref")
-                if not isinstance(ref, str) or not ref or ref in refs:
-                    raise fail("ref must be a unique non-empty string", "tags.queries.ref")
-                refs.add(ref)
-                desc = (q.get("order", "asc") == "desc") if desc is None else desc
-                for ms, v in self._query(tag, start, end, q, fail):
-                    bad = self._poison.get((tag.obj["publicId"], ms)) if self._poison else None
-                    if bad is not None:
-                        field, raw = bad
-                        v = raw_json(raw) if field == "value" else v
-                        if field == "time":
-                            bad_times[ms] = raw_json(raw)
-                    points.setdefault(ms, {})[ref] = v
-        rendered = [{"time": bad_times.get(ms) or _iso(ms, tz, tzname), "values": points[ms]}
-                    for ms in sorted(points, reverse=bool(desc))]
-        return {"start": _iso(start, tz, tzname), "end": _iso(end, tz, tzname), "timeZone": tzname,
-                "source": {"publicId": src["publicId"]}, "points": rendered}
+        for tag, ref, query in req.queries(tags):
+            desc = query.order == "desc" if desc is None else desc
+            for ms, v in self._query(tag, req.start, req.end, query):
+                bad = self._poison.get((tag.obj["publicId"], ms)) if self._poison else None
+                if bad is not None:
+                    field, raw = bad
+                    v = raw_json(raw) if field == "value" else v
+                    if field == "time":
+                        bad_times[ms] = raw_json(raw)
+                points.setdefault(ms, {})[ref] = v
+        return req.answer(points, bad_times, bool(desc))
 
-    def _query(self, tag: Tag, start: int, end: int, q: dict[str, Any], fail: Any) -> list[tuple[int, Any]]:
-        """One DataList query: window [start, end), aggregation, transform, order, offset/limit."""
-        agg, limit, offset = q.get("postAggr", "raw"), q.get("limit", MAX_LIMIT), q.get("offset", 0)
-        order, decimals, op = q.get("order", "asc"), q.get("decimals"), q.get("operator", "*")
-        factor, step, transform = q.get("factor"), q.get("step"), q.get("postTransform")
-        if agg not in AGGS:
-            raise fail(f"postAggr must be one of {', '.join(sorted(AGGS))}", "tags.queries.postAggr")
-        if not _is_int(limit) or not 1 <= limit <= MAX_LIMIT:
-            raise fail(f"limit must be an integer from 1 to {MAX_LIMIT}", "tags.queries.limit")
-        if not _is_int(offset) or offset < 0:
-            raise fail("offset must be a non-negative integer", "tags.queries.offset")
-        if order not in ("asc", "desc"):
-            raise fail("order must be asc or desc", "tags.queries.order")
-        if decimals is not None and (not _is_int(decimals) or not 0 <= decimals <= 7):
-            raise fail("decimals must be an integer from 0 to 7", "tags.queries.decimals")
-        if op not in ("*", "/", "+", "-") or (factor is not None and not _is_num(factor)):
-            raise fail("factor must be a number and operator one of * / + -", "tags.queries.factor")
-        if transform not in (None, "difference"):
-            raise fail("postTransform must be difference", "tags.queries.postTransform")
-        step_ms = _duration_ms(step) if step is not None else end - start
-        if step_ms is None or step_ms <= 0:
-            raise fail("step must be a positive number of seconds or a duration like 5m", "tags.queries.step")
+    def _query(self, tag: Tag, start: int, end: int, query: DataQuery) -> list[tuple[int, Any]]:
+        """One DataList query over the points of `tag` in [start, end)."""
         count = self._count(tag)
         lo = min(count, max(0, -((tag.t0 - start) // tag.step)))
         hi = min(count, max(0, -((tag.t0 - end) // tag.step)))
-        if q.get("extendedBoundary") is True:
+        if query.extended:
             lo, hi = max(0, lo - 1), min(count, hi + 1)
-        if agg == "raw" and transform is None:  # the fast path, arithmetic slicing only
-            seen = self._visible(tag, range(lo, hi))
-            idx = (seen if order == "asc" else seen[::-1])[offset:offset + limit]
-            series = list(zip((tag.t(i) for i in idx), self._series(tag, idx), strict=True))
-        else:
-            seen = self._visible(tag, range(lo, hi))
-            series = list(zip((tag.t(i) for i in seen), self._series(tag, seen), strict=True))
-            if agg != "raw":
-                buckets: dict[int, list[Any]] = {}
-                for ms, v in series:
-                    buckets.setdefault(start + (ms - start) // step_ms * step_ms, []).append(v)
-                series = [(ms, _aggregate(agg, vs)) for ms, vs in sorted(buckets.items())]
-            if transform == "difference":
-                series = [(ms, v - p if _is_num(v) and _is_num(p) else None)
-                          for (_, p), (ms, v) in zip(series, series[1:], strict=False)]
-            if order == "desc":
-                series.reverse()
-            series = series[offset:offset + limit]
-        return [(ms, _shape(v, factor, op, decimals)) for ms, v in series]
+        seen = self._visible(tag, range(lo, hi))
+        if query.raw:  # the fast path: values only for the page, found by arithmetic slicing
+            page = query.page(seen)
+            return query.shaped(zip((tag.t(i) for i in page), self._series(tag, page), strict=True))
+        return query.run(list(zip((tag.t(i) for i in seen), self._series(tag, seen), strict=True)), start)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -708,243 +590,8 @@ def _mix(*parts: int) -> int:
     return x ^ (x >> 31)
 
 
-def _iso(ms: int, tz: Any = UTC, tzname: str = "UTC") -> str:
-    """ISO 8601 in `tz`, milliseconds only when non-zero, `Z` for UTC (as the brief's examples print it)."""
-    dt = (EPOCH + timedelta(milliseconds=ms)).astimezone(tz)
-    frac = f".{ms % 1000:03d}" if ms % 1000 else ""
-    if tzname == "UTC":
-        return dt.strftime("%Y-%m-%dT%H:%M:%S") + frac + "Z"
-    off = dt.strftime("%z")
-    return dt.strftime("%Y-%m-%dT%H:%M:%S") + frac + f"{off[:3]}:{off[3:]}"
-
-
-def _parse_time(value: Any, tz: Any) -> int | None:
-    """ISO date-time to epoch ms; a value without offset is read in the request's timeZone."""
-    if not isinstance(value, str):
-        return None
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=tz)
-    return (dt - EPOCH) // timedelta(milliseconds=1)
-
-
-def _duration_ms(value: Any) -> int | None:
-    if _is_num(value):
-        return int(value * 1000)
-    m = re.fullmatch(r"(\d+)(ms|s|m|h|d|w)", value) if isinstance(value, str) else None
-    units = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-    return int(m[1]) * units[m[2]] if m else None
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _int(text: str, prop: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ApiError(400, f"{prop} must be an integer", prop) from None
-
-
 async def _json(request: web.Request) -> Any:
     try:
         return json.loads(await request.read() or b"null")
     except ValueError:
         raise ApiError(400, "Request body is not valid JSON") from None
-
-
-def _aggregate(agg: str, values: list[Any]) -> Any:
-    if agg == "count":
-        return len(values)
-    if agg in ("first", "last"):
-        return values[0] if agg == "first" else values[-1]
-    if agg == "mode":
-        return statistics.mode(values)
-    nums = [float(v) for v in values if isinstance(v, int | float)]  # bools count as 0/1, strings drop out
-    if not nums:
-        return None
-    funcs = {"mean": statistics.fmean, "median": statistics.median, "sum": math.fsum, "max": max, "min": min,
-             "spread": lambda xs: max(xs) - min(xs)}
-    return funcs[agg](nums)  # type: ignore[operator]
-
-
-def _shape(v: Any, factor: Any, op: str, decimals: int | None) -> Any:
-    if not _is_num(v):
-        return v
-    if factor is not None:
-        v = {"*": v * factor, "/": v / factor if factor else None, "+": v + factor, "-": v - factor}[op]
-    return round(v, decimals) if decimals is not None and v is not None else v
-
-
-def _parse_fields(text: str) -> dict[str, Any]:
-    """`a,b.c,d(e,f.g),*` -> nested dict {name: subspec or None}; bad syntax -> 400."""
-    tokens = re.findall(r"[\w*]+|\S", text) + [""]  # "" marks the end
-    spec, pos = _field_list(tokens, 0)
-    if tokens[pos]:
-        raise ApiError(400, "Malformed fields parameter", "fields")
-    return spec
-
-
-def _field_list(tokens: list[str], pos: int) -> tuple[dict[str, Any], int]:
-    out: dict[str, Any] = {}
-    while True:
-        name, sub, pos = _field_item(tokens, pos)
-        _merge(out, name, sub)
-        if tokens[pos] != ",":
-            return out, pos
-        pos += 1
-
-
-def _field_item(tokens: list[str], pos: int) -> tuple[str, Any, int]:
-    """One `name`, `name.item` (= name(item)) or `name(list)`."""
-    if not re.fullmatch(r"[\w*]+", tokens[pos]):
-        raise ApiError(400, "Malformed fields parameter", "fields")
-    name, pos = tokens[pos], pos + 1
-    if tokens[pos] == ".":
-        inner, sub, pos = _field_item(tokens, pos + 1)
-        return name, {inner: sub}, pos
-    if tokens[pos] != "(":
-        return name, None, pos
-    sub, pos = _field_list(tokens, pos + 1)
-    if tokens[pos] != ")":
-        raise ApiError(400, "Malformed fields parameter", "fields")
-    return name, sub, pos + 1
-
-
-def _merge(out: dict[str, Any], name: str, sub: Any) -> None:
-    if isinstance(out.get(name), dict) and isinstance(sub, dict):
-        for k, v in sub.items():
-            _merge(out[name], k, v)
-    elif sub is not None or name not in out:
-        out[name] = sub
-
-
-def _check(spec: dict[str, Any], schema: dict[str, Any], path: str = "") -> None:
-    for name, sub in spec.items():
-        if name == "*" and sub is None:
-            continue
-        if name not in schema or (sub is not None and schema[name] is None):
-            raise ApiError(400, f"Unknown field {path}{name}", "fields")
-        if sub is not None:
-            _check(sub, schema[name], f"{path}{name}.")
-
-
-def _spec(request: web.Request, kind: str) -> dict[str, Any]:
-    """The request's `fields` (or the type's default subset), checked against the type's schema."""
-    spec = _parse_fields(request.query.get("fields") or DEFAULTS[kind])
-    _check(spec, SCHEMAS[kind])
-    return spec
-
-
-def _project(obj: Any, spec: dict[str, Any] | None, schema: dict[str, Any]) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, list):
-        return [_project(o, spec, schema) for o in obj]
-    if spec is None:  # a nested object asked for by name only: its reference (publicId, name)
-        spec = {k: None for k in schema if k in ("publicId", "name")} or dict.fromkeys(schema)
-    keys = list(schema) if "*" in spec else list(spec)
-    out = {"publicId": obj.get("publicId")} if "publicId" in schema else {}
-    for k in keys:
-        if k != "*":
-            out[k] = obj.get(k) if schema[k] is None else _project(obj.get(k), spec.get(k), schema[k])
-    return out
-
-
-def _parse_filters(text: str, schema: dict[str, Any]) -> list[tuple[str, str, list[Any]]]:
-    """`eq(a.b,"x"),in(c,"y","z")` -> [(op, path, args)], all AND-ed; unknown op or field -> 400."""
-    out, pos = [], 0
-    while pos < len(text):
-        m = FILTER_RE.match(text, pos)
-        op = ALIASES.get(m[1], m[1]) if m else None
-        if not m or op not in OPS:
-            raise ApiError(400, "Malformed filters parameter", "filters")
-        node: Any = schema
-        for part in m[2].split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise ApiError(400, f"Unknown filter field {m[2]}", "filters")
-            node = node[part]
-        out.append((op, m[2], [_literal(a.strip()) for a in ARG_RE.findall(m[3])]))
-        pos = m.end()
-    return out
-
-
-def _literal(text: str) -> Any:
-    if text.startswith('"'):
-        return json.loads(text)
-    if text in ("true", "false", "null"):
-        return {"true": True, "false": False, "null": None}[text]
-    try:
-        return float(text) if "." in text else int(text)
-    except ValueError:
-        raise ApiError(400, "Filter values must be quoted strings, numbers, true, false or null", "filters") from None
-
-
-def _values(obj: Any, parts: list[str]) -> list[Any]:
-    if isinstance(obj, list):
-        return [v for o in obj for v in _values(o, parts)]
-    if not parts:
-        return [obj]
-    return _values(obj.get(parts[0]), parts[1:]) if isinstance(obj, dict) else [None]
-
-
-def _norm(a: Any, b: Any) -> tuple[Any, Any]:
-    """Comparable pair: date-times by instant, numbers numerically, anything else as text."""
-    if isinstance(a, str) and isinstance(b, str) and DATE_RE.match(a) and DATE_RE.match(b):
-        ta, tb = _parse_time(a, UTC), _parse_time(b, UTC)
-        if ta is not None and tb is not None:
-            return ta, tb
-    if _is_num(a) and _is_num(b):
-        return a, b
-    return (a, b) if type(a) is type(b) else (str(a), str(b))
-
-
-def _test(op: str, values: list[Any], args: list[Any]) -> bool:
-    if op in ("isnull", "isnotnull"):
-        return any(v is None for v in values) == (op == "isnull")
-    if op == "ni":
-        return not _test("in", values, args)
-    if op == "ne":
-        return not _test("eq", values, args)
-    for v in values:
-        if v is None or not args:
-            continue
-        pairs = [_norm(v, arg) for arg in args]
-        x, y = pairs[0]
-        if op == "eq" and x == y or op == "in" and any(p == q for p, q in pairs):
-            return True
-        if op == "contains" and isinstance(x, str) and str(y) in x:
-            return True
-        try:
-            if (op == "lt" and x < y or op == "lte" and x <= y or op == "gt" and x > y or op == "gte" and x >= y
-                    or op == "between" and len(pairs) == 2 and x >= y and pairs[1][0] <= pairs[1][1]):
-                return True
-        except TypeError:
-            continue
-    return False
-
-
-SCHEMAS = {  # every field a type has; nested objects are sub-dicts
-    "Company": _parse_fields("publicId,name,custom,branding(publicId,name)"),
-    "Agent": _parse_fields("publicId,name,deviceId,serialNumber,macAddress,activeStatus,"
-                           "activeVpnSession(publicId,startedOn),vpnChangedOn,mqttChangedOn,timeZone,"
-                           "company(publicId,name),dataSources(publicId,name,slug)"),
-    "DataSource": _parse_fields("publicId,name,slug,disabled,protocol(publicId,name),valuesPerHour,"
-                                "agent(publicId,name),device(publicId,name)"),
-    "DataTag": _parse_fields("publicId,tagId,name,slug,source(publicId,name,slug),retentionPolicy,logEvent,"
-                             "loggingInterval,variable(variableId,name,slug,type,unit,factor)"),
-    "AlarmOccurrence": _parse_fields("publicId,alarm(publicId,name,type,severity),occurredOn,rtnOn,acknowledged,"
-                                     "acknowledgedOn,silenced,stillActiveOn,comment"),
-    "AccessToken": _parse_fields("publicId,secretId,expiresOn,lastUsedOn,trustedDeviceName"),
-}
-DEFAULTS = {"Company": "publicId,name", "Agent": "publicId,name", "DataSource": "publicId,name",
-            "DataTag": "publicId,tagId,name,slug", "AlarmOccurrence": "publicId,occurredOn,rtnOn",
-            "AccessToken": "publicId,secretId,expiresOn"}
