@@ -6,11 +6,11 @@ Brief: shared/vendors/ixon.md. Every path comes from the discovery resource; ass
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import quote
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, ConfigDict
 
 from syncd.errors import MalformedResponse, RequestRejected, VendorAuthError
 from syncd.events import Event, ms_to_iso
@@ -21,6 +21,7 @@ from syncd.sources.base import (
     FieldError,
     LateTally,
     Page,
+    PageBuilder,
     Source,
     Stream,
     first_in_past,
@@ -28,9 +29,11 @@ from syncd.sources.base import (
     mapped,
     reconcile_due,
     spoolable_text,
-    valid,
+    valid_all,
 )
-from syncd.sources.times import iso_field_ms
+from syncd.sources.paging import CursorPaginator, collect
+from syncd.sources.times import IsoMs
+from syncd.sources.track import NEW, AlertTracker, ChangeTracker
 
 API_VERSION = "2"  # required header on every call [S]
 # Only used when discovery does not name a rel [A: brief §1, "fall back to the paths below"].
@@ -52,11 +55,6 @@ TAG_FIELDS = "publicId,tagId,name,slug,source.publicId,retentionPolicy,variable(
 ALARM_FIELDS = "publicId,alarm(name,severity),occurredOn,rtnOn,acknowledged,comment"
 # Filter functions are documented [S][D-oas]; that `occurredOn` is a filterable field is assumed [A].
 ALARM_FILTER = 'gte(occurredOn,"{since}")'
-
-
-
-
-IsoMs = Annotated[int, BeforeValidator(iso_field_ms)]
 
 
 class _Raw(BaseModel):
@@ -168,25 +166,23 @@ class IxonSource(Source):
         return body
 
     async def _list_page(self, rel: str, agent: str, fields: str, after: str | None,
-                         filters: str | None = None) -> tuple[list[Any], str | None]:
+                         filters: str | None = None) -> tuple[list[Any], Any]:
+        """One page of a list and its `moreAfter` as answered (a CursorPaginator judges it)."""
         params = {"fields": fields, "page-size": str(self.config.page_size or LIST_PAGE_SIZE)}
         if filters:
             params["filters"] = filters
         if after:
             params["page-after"] = after  # opaque, may hold + and /: sent URL-encoded as a query parameter
-        url = self._href(rel, agent)
-        body = await self._call("GET", url, params)
-        more = body.get("moreAfter")
-        if more is not None and not isinstance(more, str):  # a page that cannot say what follows is no last page
-            raise MalformedResponse(f"GET {url}: moreAfter is not a cursor", body=str(more)[:200], url=url)
-        return _items(body.get("data")), more or None
+        body = await self._call("GET", self._href(rel, agent), params)
+        return _items(body.get("data")), body.get("moreAfter")
 
     async def _list_all(self, rel: str, agent: str, fields: str) -> list[Any]:
-        items, after = await self._list_page(rel, agent, fields, None)
-        while after:
-            more, after = await self._list_page(rel, agent, fields, after)
-            items += more
-        return items
+        async def page(pager: CursorPaginator) -> list[Any]:
+            items, more = await self._list_page(rel, agent, fields, pager.cursor)
+            pager.update_state(more, f"GET {self._href(rel, agent)} moreAfter")
+            return items
+
+        return await collect(CursorPaginator(), page)
 
     # -- inventory ----------------------------------------------------------------------------------
 
@@ -198,8 +194,8 @@ class IxonSource(Source):
     async def discover(self) -> list[Stream]:
         await self._discover_rels()  # re-read each time: hrefs are the vendor's to move
         # only the id: a bad status field must not hide an agent's data
-        agents = [ref.publicId for ref in valid(PublicRef, await self._list_all("AgentList", "", "publicId,name"),
-                                                self.pending_dead)]
+        agents = [ref.publicId for ref in valid_all(PublicRef, await self._list_all("AgentList", "", "publicId,name"),
+                                                    self.pending_dead)]
         tenant, kinds, streams = self.config.company_id, self.enabled_kinds, []
         for pid in agents:
             if "telemetry" in kinds:
@@ -212,7 +208,8 @@ class IxonSource(Source):
 
     async def _load_tags(self, agent: str) -> None:
         raw = await self._list_all("AgentDataTagList", agent, TAG_FIELDS)
-        tags = {str(tag.tagId): tag for tag in valid(DataTag, raw, self.pending_dead, lambda r: {"agent": agent, "tag": r})}
+        tags = {str(tag.tagId): tag
+                for tag in valid_all(DataTag, raw, self.pending_dead, lambda r: {"agent": agent, "tag": r})}
         self.tags[agent] = tags
         self._attrs = {k: v for k, v in self._attrs.items() if k[0] != agent}
 
@@ -226,7 +223,7 @@ class IxonSource(Source):
         elif stream.kind == "alert":
             page = await self._fetch_alerts(stream, cursor)
         else:
-            page = await self._fetch_status(stream, cursor or {})
+            page = await self._fetch_status(stream, cursor)
         if self.pending_dead:
             page.dead[:0], self.pending_dead = self.pending_dead, []
         return page
@@ -261,7 +258,7 @@ class IxonSource(Source):
         base, pos, more = dict(cur["base"]), dict(cur["pos"]), set(cur["more"])
         todo = [k for k in cur["todo"] if k in tags]
         batch, rest = todo[:REQUESTS_PER_POST], todo[REQUESTS_PER_POST:]
-        events: list[Event] = []
+        b = PageBuilder(self)
         dead: list[DeadLetter] = []
         again: list[str] = []
         if batch:
@@ -278,7 +275,9 @@ class IxonSource(Source):
                     raise MalformedResponse(f"DataList result for tag {key} without a points array",
                                             body=str(result)[:200], url=self._href("DataList"))
                 read = self._points(stream.tenant, agent, tags[key], points, key, end, reread, base[key],
-                                    pos[key] if key in more else None, wm, tally, events, dead)
+                                    pos[key] if key in more else None, wm, tally, b, dead)
+                # keyset paging by time, by hand: KeysetPaginator would hold back each answer's last time and raise
+                # on a full answer that moves no key (all dead or past `end`), which here ends the tag's round
                 if len(points) >= DATALIST_LIMIT and read is not None and read > pos[key]:
                     pos[key] = read  # cut at the limit: the next page starts at the newest point read
                     more.add(key)
@@ -287,11 +286,11 @@ class IxonSource(Source):
         lag = max(0.0, (now_ms - min((wm.get(k, first) for k in todo), default=end)) / 1000)
         if todo:
             cur = {**cur, "wm": wm, "todo": todo, "pos": pos, "more": sorted(more), "tally": tally.state(end)}
-            return Page(events, cur, done=False, dead=dead, lag_s=lag)
+            return b.page(cur, False, dead, lag)
         late = tally.settle(reread[0], reread[1]) if reread else 0
         cur = {**cur, "wm": wm, "todo": None, "end": None, "base": {}, "pos": {}, "more": [], "reread": None,
                "hw": end, "tally": tally.state(end)}
-        return Page(events, cur, done=True, dead=dead, lag_s=lag, late=late)
+        return b.page(cur, True, dead, lag, late)
 
     def _telemetry_cursor(self, stream: Stream, cursor: dict[str, Any] | None, now_ms: int, window_ms: int
                           ) -> dict[str, Any]:
@@ -318,15 +317,16 @@ class IxonSource(Source):
 
     def _points(self, tenant: str, agent: str, tag: DataTag, points: list[Any], key: str, end: int,
                 reread: list[int] | None, base: int, after: int | None, wm: dict[str, int], tally: LateTally,
-                events: list[Event], dead: list[DeadLetter]) -> int | None:
+                events: PageBuilder | list[Event], dead: list[DeadLetter]) -> int | None:
         """Events of one tag's points; returns the newest point time read before `end` (None: none).
 
         A point at or before `base` (the watermark when the round began) was stored before, unless it is late: it
         is stored again when the round re-reads it. `after` is where a continued page starts (its first point was
-        the previous page's last).
+        the previous page's last). `events` is the page's builder, or a list of Events (the property tests).
         """
         attrs = self._tag_attrs(agent, tag)
         context = _point_of(agent, tag)
+        add = events.add if isinstance(events, PageBuilder) else lambda *row: events.append(self.event(*row))
         newest = None
         for point, value, text in mapped(points, dead, _point, context):
             t = point.time
@@ -344,7 +344,7 @@ class IxonSource(Source):
                     wm[key] = t
             else:
                 continue  # stored by this round already
-            events.append(self.event("telemetry", tenant, agent, tag.slug, t, value, text, attrs))
+            add("telemetry", tenant, agent, tag.slug, t, value, text, attrs)
         return newest
 
     def _tag_attrs(self, agent: str, tag: DataTag) -> dict[str, str]:
@@ -352,71 +352,76 @@ class IxonSource(Source):
         found = self._attrs.get((agent, str(tag.tagId)))
         if found is None:
             found = {"tagId": str(tag.tagId), "source": tag.source.publicId, "postAggr": "raw"}
-            if tag.name:
-                found["name"] = tag.name
-            if tag.variable is not None and tag.variable.unit:
-                found["unit"] = tag.variable.unit
-            if tag.retentionPolicy:
-                found["retentionPolicy"] = tag.retentionPolicy
+            unit = tag.variable.unit if tag.variable is not None else None
+            found |= {k: v for k, v in (("name", tag.name), ("unit", unit), ("retentionPolicy", tag.retentionPolicy)) if v}
             self._attrs[(agent, str(tag.tagId))] = found
         return found
 
     async def _fetch_alerts(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
-        """Occurrences since the oldest still-open one: an open event once, a close event when `rtnOn` appears."""
-        agent = stream.params["agent"]
-        cur = cursor or {"since": self.first_ms(self.now_ms(), stream.name), "after": None, "newest": None,
-                         "open": {}, "closed": {}}
-        since, opened, closed = int(cur["since"]), dict(cur["open"]), dict(cur["closed"])
-        newest = cur["newest"]
-        items, after = await self._list_page("AgentDataAlarmOccurrenceList", agent, ALARM_FIELDS, cur["after"],
-                                             ALARM_FILTER.format(since=ms_to_iso(since)))
-        events: list[Event] = []
+        """Occurrences since the oldest still-open one: an open event once, a close event when `rtnOn` appears.
+
+        The cursor holds `since` (the filter, pinned while a listing is paged), `after` (the listing's
+        CursorPaginator while under way, else None), `newest` and the AlertTracker's `open` / `closed`.
+        """
+        agent, rel = stream.params["agent"], "AgentDataAlarmOccurrenceList"
+        cur = self._alert_cursor(stream, cursor)
+        since, newest = int(cur["since"]), cur["newest"]
+        pager, alerts = CursorPaginator(**(cur["after"] or {})), AlertTracker(cur)
+        items, more = await self._list_page(rel, agent, ALARM_FIELDS, pager.cursor,
+                                            ALARM_FILTER.format(since=ms_to_iso(since)))
+        pager.update_state(more, f"GET {self._href(rel, agent)} moreAfter")
+        b, tenant = PageBuilder(self), stream.tenant
         dead: list[DeadLetter] = []
-        for occ in valid(Occurrence, items, dead, lambda raw: {"agent": agent, "occurrence": raw}):
+        for occ in valid_all(Occurrence, items, dead, lambda raw: {"agent": agent, "occurrence": raw}):
             pid = spoolable_text(occ.publicId)  # ids go into the cursor, spooled as UTF-8 JSON
             newest = occ.occurredOn if newest is None else max(newest, occ.occurredOn)
-            if pid in closed:
+            if pid in alerts.closed:
+                continue  # closed is final: an answer showing it open again changes nothing
+            # the mark is constant: an open occurrence is emitted once, whatever else about it changes
+            change = alerts.update(pid, None, occ.occurredOn, closed=occ.rtnOn is not None)
+            if change is None:
                 continue
             severity = occ.alarm.severity
             text = f"{severity}: {occ.comment}" if occ.comment else severity
             attrs = {"occurrence": pid, "severity": severity, "acknowledged": str(bool(occ.acknowledged)).lower()}
-            if pid not in opened:
-                events.append(self.event("alert", stream.tenant, agent, occ.alarm.name, occ.occurredOn, None, text,
-                                         {**attrs, "state": "open"}))
-            if occ.rtnOn is None:
-                opened[pid] = occ.occurredOn
-            else:
-                events.append(self.event("alert", stream.tenant, agent, occ.alarm.name, occ.rtnOn, None, text,
-                                         {**attrs, "state": "closed"}))
-                opened.pop(pid, None)
-                closed[pid] = occ.occurredOn
-        if after:
-            nxt = {"since": since, "after": after, "newest": newest, "open": opened, "closed": closed}
-            return Page(events, nxt, done=False, dead=dead)
+            if change == NEW:
+                b.add("alert", tenant, agent, occ.alarm.name, occ.occurredOn, None, text, {**attrs, "state": "open"})
+            if occ.rtnOn is not None:
+                b.add("alert", tenant, agent, occ.alarm.name, occ.rtnOn, None, text, {**attrs, "state": "closed"})
+        if pager.has_next_page:
+            return b.page({**cur, "after": pager.state(), "newest": newest, **alerts.state()}, False, dead)
         # the next run re-reads from the oldest open occurrence (to see it close); closed ones before it drop out
-        since = min(opened.values()) if opened else max(since, newest if newest is not None else since)
-        closed = {pid: ms for pid, ms in closed.items() if ms >= since}
-        nxt = {"since": since, "after": None, "newest": newest, "open": opened, "closed": closed}
-        return Page(events, nxt, done=True, dead=dead, lag_s=0.0)
+        oldest = alerts.oldest_open()
+        since = oldest if oldest is not None else max(since, newest if newest is not None else since)
+        alerts.forget(since)
+        return b.page({"since": since, "after": None, "newest": newest, **alerts.state()}, True, dead, 0.0)
 
-    async def _fetch_status(self, stream: Stream, seen: dict[str, Any]) -> Page:
-        """Agent online state (brief §8): emitted when it changes; ts = `mqttChangedOn`, else poll time."""
-        cursor, events = dict(seen), []
+    def _alert_cursor(self, stream: Stream, cursor: dict[str, Any] | None) -> dict[str, Any]:
+        """The alert cursor; one written before the shared parts is carried over: its `after` was `moreAfter`
+        itself and its `open` held {occurrence: occurredOn}."""
+        if cursor is None:
+            return {"since": self.first_ms(self.now_ms(), stream.name), "after": None, "newest": None, "open": {},
+                    "closed": {}}
+        after = cursor["after"]
+        return {**cursor, "after": CursorPaginator(after).state() if isinstance(after, str) else after,
+                "open": {k: v if isinstance(v, list) else [None, v] for k, v in cursor["open"].items()}}
+
+    async def _fetch_status(self, stream: Stream, seen: Any) -> Page:
+        """Agent online state (brief §8): emitted when [value, status, mqttChangedOn] changes; ts = `mqttChangedOn`,
+        else poll time."""
+        tracker, b = ChangeTracker(seen), PageBuilder(self)
         dead: list[DeadLetter] = []
-        for agent in valid(Agent, await self._list_all("AgentList", "", AGENT_FIELDS), dead):
+        for agent in valid_all(Agent, await self._list_all("AgentList", "", AGENT_FIELDS), dead):
             # online = an open VPN session [A: the brief names activeVpnSession/mqttChangedOn, not the rule]
             value = 1.0 if agent.activeVpnSession else 0.0
             status = spoolable_text(agent.activeStatus) if agent.activeStatus is not None else None
-            state, key = [value, status, agent.mqttChangedOn], spoolable_text(agent.publicId)  # spooled as UTF-8 JSON
-            if cursor.get(key) == state:
+            if not tracker.moved(agent.publicId, [value, status, agent.mqttChangedOn]):
                 continue
-            cursor[key] = state
             attrs = {k: v for k, v in (("name", agent.name), ("serialNumber", agent.serialNumber),
                                        ("deviceId", agent.deviceId)) if v}
             ts = agent.mqttChangedOn if agent.mqttChangedOn is not None else self.now_ms()
-            events.append(self.event("status", stream.tenant, agent.publicId, "online", ts, value, agent.activeStatus,
-                                     attrs))
-        return Page(events, cursor, done=True, dead=dead, lag_s=0.0)
+            b.add("status", stream.tenant, agent.publicId, "online", ts, value, agent.activeStatus, attrs)
+        return b.page(tracker.state(), True, dead, 0.0)
 
 
 def _point(raw: Any) -> tuple[Point, float | None, str | None]:
