@@ -56,6 +56,8 @@ class _Run:
     pages: int = 0
     events: int = 0
     dead: int = 0
+    started: float = 0.0  # time.monotonic() when the run began
+    status_spooled: bool = False  # its sync_status row went into the last page's transaction
 
 
 @dataclass
@@ -204,7 +206,8 @@ class Syncer:
         source, stream = st.source, st.streams[stream_name]
         run_id = uuid.uuid4().hex[:8]
         structlog.contextvars.bind_contextvars(source=source_name, stream=stream_name, run_id=run_id)
-        started, run = time.monotonic(), _Run()
+        started = time.monotonic()
+        run = _Run(started=started)
         error = ""
         try:
             run.cursor = await self.spool.run(self.spool.get_cursor, source_name, stream_name)
@@ -229,7 +232,7 @@ class Syncer:
                 self.inflight.discard(task)
             duration = time.monotonic() - started
             try:
-                await self._finish(state, source, stream, error, run.cursor, run.events, run.pages, run.dead, duration)
+                await self._finish(state, source, stream, error, run, duration)
             except Exception as err:  # noqa: BLE001 - reporting must never turn a run into a crash
                 log.error("stream.status_failed", error=describe(err))
             structlog.contextvars.unbind_contextvars("source", "stream", "run_id")
@@ -336,9 +339,14 @@ class Syncer:
     async def _commit(self, state: StreamState, source: Source, stream: Stream, page: Page, run: _Run) -> None:
         """Guard, then spool one page with its cursor (one transaction), wake the drainers, count it."""
         page = guard_page(page)
-        payload = {"src": source.name, "vendor": source.vendor, "stream": stream.name,
-                   "e": page.rows(),
-                   "d": [[self.redact(d.reason), self.redact(d.payload)] for d in page.dead]}
+        payload: dict[str, Any] = {"src": source.name, "vendor": source.vendor, "stream": stream.name,
+                                   "e": page.rows(), "d": [[self.redact(d.reason), self.redact(d.payload)] for d in page.dead]}
+        if page.done and not stream.push:  # the run ends with this page: its sync_status row commits with it
+            state.lag_s = page.lag_s
+            text = orjson.dumps(page.cursor).decode()[:500] if page.cursor is not None else ""
+            payload["s"] = [self._status_row(state, source, stream, "", text, run.events + len(page), run.pages + 1,
+                                             time.monotonic() - run.started, time.time())]
+            run.status_spooled = True
         await self.spool.run(self.spool.commit_page, source.name, stream.name, payload, page.cursor)
         self.wake()
         new_dead = len(payload["d"])  # the spool leaves out letters it already holds (a re-read page)
@@ -354,9 +362,9 @@ class Syncer:
         if new_dead:
             self._dead_letters(state, page.dead, new_dead)
 
-    async def _finish(self, state: StreamState, source: Source, stream: Stream, error: str, cursor: Any,
-                      events: int, pages: int, dead: int, duration: float) -> None:
-        now = time.time()
+    async def _finish(self, state: StreamState, source: Source, stream: Stream, error: str, run: _Run,
+                      duration: float) -> None:
+        now, cursor, events, pages, dead = time.time(), run.cursor, run.events, run.pages, run.dead
         if error:
             self.metrics.inc("syncd_stream_errors_total", source=source.name, stream=stream.name,
                              error=error.split(":", 1)[0])
@@ -367,18 +375,20 @@ class Syncer:
             if state.failing:
                 log.info("stream.recovered")
             state.failing, state.error, state.last_success = False, "", now
-        cursor_text = await self._spool_status(state, source, stream, error, cursor, events, pages, duration)
+        if run.status_spooled and not error:  # the row went in with the last page (one transaction, one fsync)
+            cursor_text = orjson.dumps(cursor).decode()[:500] if cursor is not None else ""
+            self.metrics.set("syncd_stream_lag_seconds", state.lag_s or 0.0, source=source.name, stream=stream.name)
+        else:
+            cursor_text = await self._spool_status(state, source, stream, error, cursor, events, pages, duration)
         log.info("sync.finished", events=events, pages=pages, dead_letters=dead, duration_s=round(duration, 3),
                  cursor=cursor_text[:200], ok=not error)
 
     async def _spool_status(self, state: StreamState, source: Source, stream: Stream, error: str, cursor: Any,
                             events: int, pages: int, duration: float) -> str:
         """One sync_status row through the spool (best effort); returns the cursor as text."""
-        now = time.time()
         cursor_text = orjson.dumps(cursor).decode()[:500] if cursor is not None else ""
-        status = [source.name, source.vendor, stream.name, stream.kind, 0 if error else 1, cursor_text, events, pages,
-                  round(duration, 3), state.lag_s, self.redact(error)[:500],
-                  int(state.last_success * 1000) if state.last_success else None, int(now * 1000)]
+        status = self._status_row(state, source, stream, error, cursor_text, events, pages, duration,
+                                  state.last_success)
         payload = {"src": source.name, "vendor": source.vendor, "stream": stream.name, "s": [status]}
         try:
             await asyncio.shield(self.spool.run(self.spool.commit_page, source.name, stream.name, payload, None))
@@ -387,6 +397,12 @@ class Syncer:
         self.wake()
         self.metrics.set("syncd_stream_lag_seconds", state.lag_s or 0.0, source=source.name, stream=stream.name)
         return cursor_text
+
+    def _status_row(self, state: StreamState, source: Source, stream: Stream, error: str, cursor_text: str, events: int,
+                    pages: int, duration: float, last_success: float | None) -> list[Any]:
+        return [source.name, source.vendor, stream.name, stream.kind, 0 if error else 1, cursor_text, events, pages,
+                round(duration, 3), state.lag_s, self.redact(error)[:500],
+                int(last_success * 1000) if last_success else None, int(time.time() * 1000)]
 
     def _dead_letters(self, state: StreamState, dead: list[Any], new: int) -> None:
         self.metrics.inc("syncd_dead_letters_total", new, source=state.source, stream=state.stream)
