@@ -21,15 +21,18 @@ from syncd.sources.base import (
     DeadLetter,
     LateTally,
     Page,
+    PageBuilder,
     Source,
     Stream,
     first_in_past,
     late_settings,
-    mapped,
     reconcile_due,
     spoolable_text,
+    valid_all,
 )
-from syncd.sources.times import seconds_to_ms
+from syncd.sources.paging import OffsetPaginator
+from syncd.sources.times import EpochSecondsMs
+from syncd.sources.track import ChangeTracker
 
 # Values need ~5 s to show up after publishing [S]; read the log only up to now minus this.
 PROPAGATION_LAG_S = 10
@@ -48,7 +51,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-EpochMs = Annotated[int, BeforeValidator(seconds_to_ms)]  # Unix seconds on the wire, epoch ms once read
 Id = Annotated[int | float | None, BeforeValidator(_finite)]  # ids are numbers; an Infinity is a bad record
 
 
@@ -59,7 +61,7 @@ class LynxValue(BaseModel):
 
     installation_id: int
     client_id: Id = None
-    timestamp: EpochMs
+    timestamp: EpochSecondsMs  # Unix seconds with ms decimals on the wire
     topic: str
     value: float | None = None
     msg: str | None = None
@@ -167,24 +169,22 @@ class IotOpenSource(Source):
         if stream.tenant not in self.functions:
             await self._load_functions(stream.tenant)
         if stream.kind == "status":
-            return await self._fetch_status(stream, cursor or {})
+            return await self._fetch_status(stream, cursor)
         return await self._fetch_log(stream, cursor)
 
-    async def _fetch_status(self, stream: Stream, seen: dict[str, int]) -> Page:
+    async def _fetch_status(self, stream: Stream, seen: Any) -> Page:
         """Latest values; only values whose timestamp moved are emitted (the cursor remembers each topic's)."""
         path = f"/api/v2/status/{stream.tenant}"
         raw = await self._get(path)
         if not isinstance(raw, list):
             raise MalformedResponse(f"{path}: status answer is not a JSON array", body=str(raw)[:200])
-        events, cursor = [], dict(seen)
+        tenant, tracker, b = stream.tenant, ChangeTracker(seen), PageBuilder(self)
         dead: list[DeadLetter] = []
-        for item, event in mapped(raw, dead, lambda r: self._read("status", stream.tenant, r)):
-            key = spoolable_text(item.topic)  # the cursor is spooled as UTF-8 JSON
-            if cursor.get(key) == event.ts_ms:
-                continue
-            cursor[key] = event.ts_ms
-            events.append(event)
-        return Page(events, cursor, done=True, dead=dead, lag_s=0.0)
+        for item in valid_all(LynxValue, raw, dead):
+            if tracker.moved(item.topic, item.timestamp):
+                device, attrs = self._labelled(tenant, item)
+                b.add("status", tenant, device, item.topic, item.timestamp, item.value, item.msg or None, attrs)
+        return b.page(tracker.state(), True, dead, 0.0)
 
     async def _fetch_log(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
         """v3 log, oldest first, one window [from, to] at a time with `to` pinned while paging.
@@ -197,7 +197,8 @@ class IotOpenSource(Source):
         """
         now_s = self.clock()
         window_ms, every = late_settings(self.config, LATE_WINDOW_S, RECONCILE_EVERY_S)
-        c = self._log_cursor(stream, cursor, now_s, window_ms)
+        limit = self.config.page_size or PAGE_SIZE
+        c = self._log_cursor(stream, cursor, now_s, window_ms, limit)
         tally = LateTally(c["tally"], window_ms)
         if c["to"] is None:  # a new window
             hw = c["hw"]
@@ -207,65 +208,79 @@ class IotOpenSource(Source):
             upper = int(now_s - PROPAGATION_LAG_S)
             if upper <= c["from"]:
                 return Page([], c, done=True, lag_s=max(0.0, now_s - c["from"]))
-            c = {**c, "to": upper, "offset": 0, "next_edge": []}
-        frm, to, offset = int(c["from"]), int(c["to"]), int(c["offset"])
-        limit = self.config.page_size or PAGE_SIZE
-        body = await self._get(
-            f"/api/v3beta/log/{stream.tenant}",
-            {"from": frm, "to": to, "order": "asc", "limit": limit, "offset": offset},
-        )
-        data, total = _log_envelope(body, stream.tenant)
+            c = {**c, "to": upper, "pager": OffsetPaginator(limit).state(), "next_edge": []}
+        frm, to, tenant = int(c["from"]), int(c["to"]), stream.tenant
+        pager = OffsetPaginator(**{**c["pager"], "limit": limit})  # page_size may have changed since
+        path = f"/api/v3beta/log/{tenant}"
+        body = await self._get(path, {"from": frm, "to": to, "order": "asc", **pager.params()})
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise MalformedResponse(f"{path}: a log page needs a data array", body=str(body)[:200])
+        pager.update_state(len(data), body.get("total"), path)  # a dead-lettered record counts in `offset` too
         edge, next_edge = set(c["edge"]), set(c["next_edge"])
+        # a row's key is built only when it can be an edge row (the hot path): in `to`'s second or an edge key's
+        edge_ts = {int(t) for t in (k.rpartition("@")[2] for k in edge) if t.isascii() and t.isdigit()}
         reread = c["reread"]
         since_ms, upto_ms = (reread[0] * 1000, reread[1] * 1000) if reread else (0, 0)
-        events: list[Event] = []
+        edge_lo, edge_hi = to * 1000, (to + 1) * 1000
         dead: list[DeadLetter] = []
-        # a dead-lettered record counts in `offset` like any other
-        for item, event in mapped(data, dead, lambda r: self._read("log", stream.tenant, r)):
-            ts_ms = event.ts_ms
-            key = f"{spoolable_text(item.topic)}@{ts_ms}"
-            if to * 1000 <= ts_ms < (to + 1) * 1000:
-                next_edge.add(key)  # the next window re-reads this second
-            if key in edge:
-                continue  # read by the window before (the re-read boundary second)
-            events.append(event)
+        b = PageBuilder(self)
+        add, labels = b.add, self._labels
+        for item in valid_all(LynxValue, data, dead):
+            ts_ms, topic = item.timestamp, item.topic
+            last_second = edge_lo <= ts_ms < edge_hi
+            if last_second or ts_ms in edge_ts:
+                key = f"{spoolable_text(topic)}@{ts_ms}"
+                if last_second:
+                    next_edge.add(key)  # the next window re-reads this second
+                if key in edge:
+                    continue  # read by the window before (the re-read boundary second)
+            found = labels.get((tenant, topic, item.client_id))
+            device, attrs = found if found is not None else self._labelled(tenant, item)
+            add("log", tenant, device, topic, ts_ms, item.value, item.msg or None, attrs)
             if since_ms <= ts_ms < upto_ms:
                 tally.recount(ts_ms)  # a re-read row: stored before, or late
             else:
                 tally.add(ts_ms)
-        count = len(data)
-        if count == 0 or offset + count >= total:
+        if not pager.has_next_page:
             late = tally.settle(since_ms, upto_ms) if reread else 0
-            nxt = {**c, "from": to, "to": None, "offset": 0, "hw": to, "edge": sorted(next_edge), "next_edge": [],
+            nxt = {**c, "from": to, "to": None, "pager": None, "hw": to, "edge": sorted(next_edge), "next_edge": [],
                    "reread": None, "tally": tally.state(to * 1000)}
-            return Page(events, nxt, done=True, dead=dead, lag_s=max(0.0, now_s - to), late=late)
-        nxt = {**c, "offset": offset + count, "next_edge": sorted(next_edge), "tally": tally.state(to * 1000)}
+            return b.page(nxt, True, dead, max(0.0, now_s - to), late)
+        nxt = {**c, "pager": pager.state(), "next_edge": sorted(next_edge), "tally": tally.state(to * 1000)}
         covered = c["hw"] if c["hw"] is not None else frm
-        return Page(events, nxt, done=False, dead=dead, lag_s=max(0.0, now_s - covered))
+        return b.page(nxt, False, dead, max(0.0, now_s - covered))
 
-    def _log_cursor(self, stream: Stream, cursor: dict[str, Any] | None, now_s: float, window_ms: int
+    def _log_cursor(self, stream: Stream, cursor: dict[str, Any] | None, now_s: float, window_ms: int, limit: int
                     ) -> dict[str, Any]:
-        """The log cursor; a new one starts at `first_ms`, one written before re-reads existed is carried over."""
+        """The log cursor; a new one starts at `first_ms`, an older layout is carried over."""
         now_ms = int(now_s * 1000)
         if cursor is None:
             frm = first_in_past(self, now_ms, stream.name, window_ms) // 1000
-            return {"from": frm, "to": None, "offset": 0, "hw": None, "edge": [], "next_edge": [], "reread": None,
+            return {"from": frm, "to": None, "pager": None, "hw": None, "edge": [], "next_edge": [], "reread": None,
                     "reconciled": now_s, "tally": None}
         if "hw" not in cursor:  # {from, to, offset, max_ms, edge}: its `from` may have followed a future stamp
             frm = min(int(cursor["from"]), int(now_s - PROPAGATION_LAG_S))
-            return {"from": frm, "to": None, "offset": 0, "hw": frm, "edge": list(cursor.get("edge") or []),
+            return {"from": frm, "to": None, "pager": None, "hw": frm, "edge": list(cursor.get("edge") or []),
                     "next_edge": [], "reread": None, "reconciled": None, "tally": None}  # re-read at once
+        if "pager" not in cursor:  # a bare `offset` into the open window, before the paginator
+            pager = None if cursor["to"] is None else OffsetPaginator(limit, int(cursor["offset"])).state()
+            return {k: v for k, v in cursor.items() if k != "offset"} | {"pager": pager}
         return cursor
 
     def _read(self, kind: str, tenant: str, raw: Any) -> tuple[LynxValue, Event]:
-        """One raw entry as (entry, event); raises on anything unreadable (the caller dead-letters it)."""
+        """One raw entry as (entry, event), as a page maps it; raises on anything unreadable (the property tests'
+        entry point: a page validates all its entries at once)."""
         item = LynxValue.model_validate(raw)
+        device, attrs = self._labelled(tenant, item)
+        return item, self.event(kind, tenant, device, item.topic, item.timestamp, item.value, item.msg or None, attrs)
+
+    def _labelled(self, tenant: str, item: LynxValue) -> tuple[str, dict[str, str]]:
         key = (tenant, item.topic, item.client_id)
         found = self._labels.get(key)
         if found is None:
             found = self._labels[key] = self._label(tenant, item)
-        device, attrs = found
-        return item, self.event(kind, tenant, device, item.topic, item.timestamp, item.value, item.msg or None, attrs)
+        return found
 
     def _label(self, tenant: str, item: LynxValue) -> tuple[str, dict[str, str]]:
         """Device and attrs of a topic (cached: the same for every value of the topic until rediscovery).
@@ -291,12 +306,3 @@ class IotOpenSource(Source):
                     attrs[key] = str(fn.meta[key])
         return attrs.get("client_id", ""), attrs
 
-
-def _log_envelope(body: Any, tenant: str) -> tuple[list[Any], int]:
-    """`data` and `total` of a v3 log page; any other shape is malformed (retried, then the run fails)."""
-    data = body.get("data") if isinstance(body, dict) else None
-    total = body.get("total") if isinstance(body, dict) else None
-    if not isinstance(data, list) or isinstance(total, bool) or not isinstance(total, int):
-        raise MalformedResponse(f"/api/v3beta/log/{tenant}: a log page needs a data array and a numeric total",
-                                body=str(body)[:200])
-    return data, total
