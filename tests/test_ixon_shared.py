@@ -50,6 +50,19 @@ async def test_an_alert_cursor_of_the_old_layout_is_read_mid_listing_and_between
         assert again == ([], end) == await drain(src, stream, old_layout(end))
 
 
+async def test_the_status_cursor_keeps_its_layout() -> None:
+    """ChangeTracker's state is the cursor the code before it wrote: {agent: [value, activeStatus, mqttChangedOn]}."""
+    sim = IxonSim(seed=43, agents=3, tags_per_agent=1, points_per_tag=5)
+    async with connector(sim, streams=["status"]) as src:
+        (stream,) = await src.discover()
+        page = await src.fetch(stream, None)
+        assert page.cursor == {e.device: [e.value, e.text, e.ts_ms] for e in page.events}
+        assert {e.device for e in page.events} == {a["publicId"] for a in sim.agent_objs}
+        old = {agent: list(mark) for agent, mark in page.cursor.items()}
+        again = await src.fetch(stream, old)
+        assert len(again.events) == 0 and again.cursor == old
+
+
 def test_points_give_the_same_events_into_a_page_builder_or_a_list() -> None:
     cfg = IxonConfig.model_validate({"vendor": "ixon", "name": "ix", "application_id": "a", "company_id": "c",
                                      "token": "t"})
