@@ -319,7 +319,7 @@ def test_proxy_500s_then_recovery(tmp_path: Path, server: ClickHouseHttp) -> Non
     sim = IotOpenSim(seed=43, installations=2, topics_per_installation=5, log_points=8_000, history=600)
     total = 8_000 + 10
     with sims_in_thread([sim]):
-        sim.faults.slow = 0.03
+        sim.faults.slow = 0.1  # 40 pages take 4 s or more: the sink has written some while the rest are being read
         proc, port, cfg, log = _daemon(tmp_path, sim, server)
         try:
             wait_for(lambda: (m := metrics(port)) and _total(m, "syncd_sink_rows_total", sink="clickhouse") > 0
