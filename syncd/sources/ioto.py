@@ -5,14 +5,13 @@ Brief: shared/vendors/ioto.md. Assumptions live in the constants below.
 
 from __future__ import annotations
 
-import contextlib
-import math
+import functools
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
 
 from syncd.errors import MalformedResponse, RateLimited, RequestRejected, VendorAuthError, VendorUnavailable
 from syncd.events import TS_MAX_MS, TS_RANGE, Event, describe_ms
@@ -23,6 +22,7 @@ from syncd.sources.base import (
     FieldError,
     LateTally,
     Page,
+    PageBuilder,
     Source,
     Stream,
     first_in_past,
@@ -31,8 +31,11 @@ from syncd.sources.base import (
     reconcile_due,
     spoolable_text,
     valid,
+    valid_all,
 )
-from syncd.sources.times import parse_iso_ms
+from syncd.sources.paging import CursorPaginator, collect
+from syncd.sources.times import iso_or_epoch_ms
+from syncd.sources.track import CHANGED, CLOSED, NEW, AlertTracker, ChangeTracker
 
 PAGE_LIMIT = 1000  # always sent: the Builder docs default `limit` to 1 [D-gen]; no maximum documented [A]
 METRIC_NAMESPACE = "Embedthis/Device"  # the only namespace metric/fetch accepts [D-met]
@@ -55,25 +58,6 @@ LATE_WINDOW_S = 3600.0
 RECONCILE_EVERY_S = 1800.0
 
 
-def to_ms(value: Any) -> int:
-    """An Ioto `date`: ISO 8601 [A], or an epoch number in seconds or milliseconds (never before 1970).
-
-    Raises ValueError naming the value for anything else: a bool, NaN, Infinity, a negative or far-off number.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"not a date: {value!r}")
-    if isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"not an epoch date: {value!r}"[:200])
-        ms = int(value) if value > MS_THRESHOLD else round(value * 1000)
-        if ms > TS_MAX_MS:
-            raise ValueError(f"epoch date {value!r} is outside {TS_RANGE}"[:200])
-        return ms
-    if isinstance(value, str) and value:
-        return parse_iso_ms(value)  # raises ValueError naming the text
-    raise ValueError(f"not a date: {value!r}"[:200])
-
-
 def ulid_ms(ulid: str) -> int | None:
     """The millisecond time in the first 10 characters of a ULID, None when it is not one."""
     if len(ulid) != 26:
@@ -84,7 +68,9 @@ def ulid_ms(ulid: str) -> int | None:
         return None
 
 
-Ms = Annotated[int, BeforeValidator(to_ms)]
+# an Ioto `date`: ISO 8601 [A], or an epoch number in seconds or ms (MS_THRESHOLD); epoch ms once read
+Ms = Annotated[int, BeforeValidator(iso_or_epoch_ms(MS_THRESHOLD))]
+Row = tuple[str, str, str, str, int, float | None, str | None, dict[str, str]]  # what PageBuilder.add takes
 
 
 class _Item(BaseModel):
@@ -182,7 +168,7 @@ class AlertItem(_Item):
     timestamp: Ms
 
     def fingerprint(self) -> int | None:
-        """None once resolved; otherwise what a change of an open alert would touch."""
+        """None once resolved; otherwise what a change of an open alert would touch (its AlertTracker mark)."""
         if self.resolved:
             return None
         return zlib.crc32(orjson.dumps([self.count, self.severity, self.message, self.subject]))
@@ -228,6 +214,7 @@ class IotoSource(Source):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.metric_names: list[str] = []
+        self.pending_dead: list[DeadLetter] = []  # inventory records that failed validation, out with the next page
 
     # -- HTTP -----------------------------------------------------------------------------------------
 
@@ -238,8 +225,8 @@ class IotoSource(Source):
         )
         return resp.data
 
-    async def _page(self, path: str, body: dict[str, Any], nxt: str | None) -> tuple[list[Any], str | None]:
-        """One page of a paged list; returns its items and the opaque `next` (None on the last page)."""
+    async def _page(self, path: str, body: dict[str, Any], nxt: str | None) -> tuple[list[Any], Any]:
+        """One page of a paged list: its items and the answer's `next` as sent (a pager judges it)."""
         params = {"limit": str(self.config.page_size or PAGE_LIMIT), "paged": "true"}
         if nxt is not None:
             params["next"] = nxt
@@ -247,26 +234,27 @@ class IotoSource(Source):
         items = out.get("data") if isinstance(out, dict) else None
         if not isinstance(items, list):
             raise MalformedResponse(f"{path}: paged response without a data array", body=str(out)[:200])
-        following = out.get("next")
-        if following is not None and not isinstance(following, str):
-            following = orjson.dumps(following).decode()  # typed "object" in one document: pass it back as JSON [A]
-        return items, following
+        return items, out.get("next")
 
-    async def _crawl(self, path: str, body: dict[str, Any]) -> list[Any]:
-        items, nxt = await self._page(path, body, None)
-        while nxt is not None:
-            more, nxt = await self._page(path, body, nxt)
-            items.extend(more)
+    async def _paged(self, path: str, body: dict[str, Any], pager: CursorPaginator) -> list[Any]:
+        """The page `pager` stands at; the pager moves on."""
+        items, following = await self._page(path, body, pager.cursor)
+        pager.update_state(following, path)
         return items
+
+    async def _all(self, path: str, body: dict[str, Any]) -> list[Any]:
+        return await collect(_pager(None), functools.partial(self._paged, path, body))
 
     # -- inventory ------------------------------------------------------------------------------------
 
     async def discover(self) -> list[Stream]:
         # device/find needs an accountId with a CloudAPI token [D-dev]; the Device records name the accounts.
-        records = _valid(DeviceRecord, await self._crawl("/generic/find", {"_type": "Device"}))
+        # A record that does not validate is a dead letter and loses only its streams until it is fixed.
+        records = valid_all(DeviceRecord, await self._all("/generic/find", {"_type": "Device"}), self.pending_dead)
         devices: dict[str, str] = {}
         for acct in sorted({r.accountId for r in records}):
-            for reg in _valid(DeviceRecord, await self._crawl("/device/find", {"accountId": acct})):
+            registry = await self._all("/device/find", {"accountId": acct})
+            for reg in valid_all(DeviceRecord, registry, self.pending_dead):
                 devices[reg.id] = reg.accountId
         for r in records:
             devices.setdefault(r.id, r.accountId)
@@ -285,7 +273,7 @@ class IotoSource(Source):
         """getMetricList needs the cloudId, which only Store and Alert items carry [D-met][C]."""
         cloud = None
         for path, body in (("/generic/find", {"_type": "Store"}), ("/alert/find", {})):
-            items, _ = await self._page(path, body, None)
+            items, _ = await self._page(path, body, None)  # the first page names the cloud
             cloud = next((i["cloudId"] for i in items if isinstance(i, dict) and isinstance(i.get("cloudId"), str)), None)
             if cloud:
                 break
@@ -302,49 +290,52 @@ class IotoSource(Source):
         feed = stream.name.split("/", 1)[0]
         if feed == "status":
             body = {"_type": "Store", "deviceId": stream.params["device"]}
-            return await self._fetch_latest(stream, cursor, body, StoreItem, self._store_event)
-        if feed == "connection":
+            page = await self._fetch_latest(cursor, body, StoreItem, self._store_row)
+        elif feed == "connection":
             body = {"_type": "Device", "accountId": stream.tenant}
-            return await self._fetch_latest(stream, cursor, body, DeviceRecord, self._connection_event)
-        if feed == "log":
-            return await self._fetch_log(stream, cursor)
-        if feed == "metric":
-            return await self._fetch_metric(stream, cursor or {})
-        return await self._fetch_alerts(cursor)
+            page = await self._fetch_latest(cursor, body, DeviceRecord, self._connection_row)
+        elif feed == "log":
+            page = await self._fetch_log(stream, cursor)
+        elif feed == "metric":
+            page = await self._fetch_metric(stream, cursor or {})
+        else:
+            page = await self._fetch_alerts(cursor)
+        if self.pending_dead:
+            page.dead[:0], self.pending_dead = self.pending_dead, []
+        return page
 
-    async def _fetch_latest(self, stream: Stream, cursor: dict[str, Any] | None, body: dict[str, Any],
-                            model: type[StoreItem] | type[DeviceRecord], to_event: Callable[..., Event | None]) -> Page:
+    async def _fetch_latest(self, cursor: dict[str, Any] | None, body: dict[str, Any],
+                            model: type[StoreItem] | type[DeviceRecord], to_row: Callable[[Any], Row | None]) -> Page:
         """Latest-state lists: emit an item only when its `updated` moved (the cursor keeps each one's)."""
         cursor = cursor or {"seen": {}, "next": None}
-        items, nxt = await self._page("/generic/find", body, cursor["next"])
-        seen, events = dict(cursor["seen"]), []
+        pager = _pager(cursor["next"])
+        items = await self._paged("/generic/find", body, pager)
+        seen, b = ChangeTracker(cursor["seen"]), PageBuilder(self)
         dead: list[DeadLetter] = []
 
-        def read(raw: Any) -> tuple[StoreItem | DeviceRecord, Event | None]:
+        def read(raw: Any) -> tuple[StoreItem | DeviceRecord, Row | None]:
             item = model.model_validate(raw)
-            return item, to_event(stream, item)
+            return item, to_row(item)
 
-        for item, event in mapped(items, dead, read):
-            key = spoolable_text(item.key if isinstance(item, StoreItem) else item.id)  # spooled as UTF-8 JSON
-            if event is None or seen.get(key) == event.ts_ms:
-                continue
-            seen[key] = event.ts_ms
-            events.append(event)
-        return Page(events, {"seen": seen, "next": nxt}, done=nxt is None, dead=dead, lag_s=0.0 if nxt is None else None)
+        for item, row in mapped(items, dead, read):
+            if row is not None and seen.moved(item.key if isinstance(item, StoreItem) else item.id, row[4]):
+                b.add(*row)
+        done = not pager.has_next_page
+        return b.page({"seen": seen.state(), "next": pager.cursor}, done, dead, 0.0 if done else None)
 
-    def _store_event(self, stream: Stream, item: StoreItem) -> Event:
+    def _store_row(self, item: StoreItem) -> Row:
         number = item.value if isinstance(item.value, float) else None
         text = item.value if isinstance(item.value, str) else None
         attrs = {"type": item.type or ("number" if number is not None else "string")}
         if item.cloudId:
             attrs["cloudId"] = item.cloudId
-        return self.event("status", item.accountId, item.deviceId, item.key, item.updated, number, text, attrs)
+        return "status", item.accountId, item.deviceId, item.key, item.updated, number, text, attrs
 
-    def _connection_event(self, stream: Stream, item: DeviceRecord) -> Event | None:
+    def _connection_row(self, item: DeviceRecord) -> Row | None:
         if item.connection is None or item.updated is None:
             return None  # a device record without state says nothing to record
         attrs = {k: v for k, v in (("name", item.name), ("model", item.model), ("product", item.product)) if v}
-        return self.event("status", item.accountId, item.id, "connection", item.updated, None, item.connection, attrs)
+        return "status", item.accountId, item.id, "connection", item.updated, None, item.connection, attrs
 
     async def _fetch_log(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
         """Logs have no time filter [D-gen] and no documented order: passes over a device's Log list.
@@ -370,15 +361,16 @@ class IotoSource(Source):
                  "newest": None, "since": since, "ahead": {}}
             if reread:
                 c = {**c, "reconciled": now_s}
-        sent, bound, since, frm, wm = p["next"], p["bound"], p["since"], c["from"], c["wm"]
-        items, nxt = await self._page("/generic/find", {"_type": "Log", "deviceId": stream.params["device"]}, sent)
+        pager = _pager(p["next"])  # the pass's place in the list is the pager's cursor
+        sent, bound, since, frm, wm = pager.cursor, p["bound"], p["since"], c["from"], c["wm"]
+        items = await self._paged("/generic/find", {"_type": "Log", "deviceId": stream.params["device"]}, pager)
         ahead, fresh = c["ahead"], dict(p["ahead"])
         asc, prev, newest = p["asc"], p["prev"], p["newest"]
-        events: list[Event] = []
+        b = PageBuilder(self)
         dead: list[DeadLetter] = []
-        for raw, event in mapped(items, dead, lambda r: (r, self._log_event(r))):
+        for raw, row in mapped(items, dead, lambda r: (r, self._log_row(r))):
             rid = raw["id"]
-            at, key = event.ts_ms, spoolable_text(rid)
+            at, key = row[4], spoolable_text(rid)
             if at <= bound:  # logs dated after the pass began neither move the watermark nor judge the order
                 newest = at if newest is None else max(newest, at)
                 if ulid_ms(rid) is not None:
@@ -391,27 +383,27 @@ class IotoSource(Source):
                 if len(fresh) < AHEAD_KEEP:
                     fresh[key] = at
             elif since is not None and at >= since:  # the late window, read again
-                events.append(event)
+                b.add(*row)
                 tally.recount(at)
                 continue
             else:
                 continue  # stored by an earlier pass
-            events.append(event)
+            b.add(*row)
             tally.add(at)
         covered = max(wm, newest if newest is not None else wm)
         fresh = {k: at for k, at in fresh.items() if at > covered - LOG_SETTLE_MS}  # what the next watermark keeps
-        if nxt is not None:
-            p = {**p, "next": nxt, "asc": asc, "prev": prev, "newest": newest, "ahead": fresh}
-            return Page(events, {**c, "pass": p, "tally": tally.state(covered)}, done=False, dead=dead)
+        if pager.has_next_page:
+            p = {**p, "next": pager.cursor, "asc": asc, "prev": prev, "newest": newest, "ahead": fresh}
+            return b.page({**c, "pass": p, "tally": tally.state(covered)}, False, dead)
         if not p["top"] and not asc:  # resumed at the last page, but the list is not oldest first: from the top
             p = {**p, "next": None, "top": True, "asc": True, "prev": "", "newest": newest, "ahead": fresh}
-            return Page(events, {**c, "sorted": False, "pass": p, "tally": tally.state(covered)}, done=False, dead=dead)
+            return b.page({**c, "sorted": False, "pass": p, "tally": tally.state(covered)}, False, dead)
         late = tally.settle(since, wm) if since is not None else 0
         wm = max(wm, covered - LOG_SETTLE_MS)
         kept = sorted(((at, k) for k, at in {**ahead, **fresh}.items() if at > wm))[:AHEAD_KEEP]
         c = {**c, "wm": wm, "ahead": {k: at for at, k in kept}, "sorted": asc, "resume": sent, "pass": None,
              "tally": tally.state(covered)}
-        return Page(events, c, done=True, dead=dead, lag_s=0.0, late=late)
+        return b.page(c, True, dead, 0.0, late)
 
     def _log_cursor(self, stream: Stream, cursor: dict[str, Any] | None, now_s: float, window_ms: int
                     ) -> dict[str, Any]:
@@ -428,55 +420,54 @@ class IotoSource(Source):
                     "reconciled": None, "pass": None, "tally": None}  # a pass from the top that re-reads at once
         return cursor
 
-    def _log_event(self, raw: Any) -> Event:
+    def _log_row(self, raw: Any) -> Row:
         item = LogItem.model_validate(raw)
         attrs = {"id": item.id}
         if item.context is not None:
             attrs["context"] = orjson.dumps(item.context).decode()
-        return self.event("log", item.accountId, item.deviceId, "log", item.ts_ms(), None, item.message, attrs)
+        return "log", item.accountId, item.deviceId, "log", item.ts_ms(), None, item.message, attrs
 
     async def _fetch_metric(self, stream: Stream, cursor: dict[str, Any]) -> Page:
-        """Rolling aggregates: the newest point changes until its span closes, so re-emit a point whose value moved."""
+        """Rolling aggregates: the newest point changes until its span closes, so re-emit a point whose value moved.
+
+        The cursor keeps, per series, the value of each point the last answer held (older points have left it).
+        """
         dev = stream.params["device"]
+        b = PageBuilder(self)
         if not self.metric_names:
-            return Page([], cursor, done=True, lag_s=0.0)
+            return b.page(cursor, True, lag_s=0.0)
         requests = [{"namespace": METRIC_NAMESPACE, "metric": m, "dimensions": {DEVICE_DIMENSION: dev},
                      "statistic": METRIC_STATISTIC, "period": METRIC_PERIOD} for m in self.metric_names]
         out = await self._post("/metric/fetch", {"deviceId": dev, "items": requests})
         data = out.get("data") if isinstance(out, dict) else None
         if not isinstance(data, list):
             raise MalformedResponse("/metric/fetch: response without a data array", body=str(out)[:200])
-        seen: dict[str, dict[str, float | None]] = {}
-        events: list[Event] = []
+        trackers: dict[str, ChangeTracker] = {}  # one per series: its points by time
         dead: list[DeadLetter] = []
         for series, attrs in mapped(data, dead, _series):
             name = f"{series.metric}.{METRIC_STATISTIC}.{series.period}"
-            before, now = cursor.get(name, {}), seen.setdefault(name, {})
+            points = trackers.setdefault(name, ChangeTracker(cursor.get(name)))
             for point in valid(MetricPoint, series.points, dead, _point_of(series.metric)):
-                now[str(point.timestamp)] = point.value
-                if str(point.timestamp) in before and before[str(point.timestamp)] == point.value:
-                    continue
-                extra = {**attrs, "count": str(point.count)} if point.count is not None else attrs
-                events.append(self.event("metric", stream.tenant, dev, name, point.timestamp, point.value, None, extra))
-        return Page(events, seen, done=True, dead=dead, lag_s=0.0)
+                if points.moved(str(point.timestamp), point.value):
+                    extra = {**attrs, "count": str(point.count)} if point.count is not None else attrs
+                    b.add("metric", stream.tenant, dev, name, point.timestamp, point.value, None, extra)
+        return b.page({name: t.state(seen_only=True) for name, t in trackers.items()}, True, dead, 0.0)
 
     async def _fetch_alerts(self, cursor: dict[str, Any] | None) -> Page:
         """The whole list every pass (no filters [D-alr]): an alert newer than the last pass's newest is new, an
-        older one is emitted again only when its state changed.
+        older one is emitted again only when its state changed (CHANGED, CLOSED, or NEW and open).
 
-        `open` holds a fingerprint per unresolved alert; an older alert missing from it is expected resolved. A change
-        re-emits under the same key (`timestamp` stays [A]), so ReplacingMergeTree keeps the newest state. The
-        watermark moves only when a pass ends, so the list order does not matter.
+        A change re-emits under the same key (`timestamp` stays [A]), so ReplacingMergeTree keeps the newest state.
+        The watermark moves only when a pass ends, so the list order does not matter; closed alerts dated before it
+        are forgotten then (read again, one that opened again is NEW and open).
         """
-        if cursor is None:
-            frm = self.first_ms(self.now_ms(), "alert")
-            cursor = {"next": None, "from": frm, "wm": frm - 1, "edge": [], "top": frm - 1, "top_edge": [], "open": {}}
-        frm, wm, edge, opened = cursor["from"], cursor["wm"], set(cursor["edge"]), dict(cursor["open"])
-        top, top_edge = cursor["top"], set(cursor["top_edge"])
-        items, nxt = await self._page("/alert/find", {}, cursor["next"])
-        events: list[Event] = []
+        c = self._alert_cursor(cursor)
+        frm, wm, edge, top, top_edge = c["from"], c["wm"], set(c["edge"]), c["top"], set(c["top_edge"])
+        pager, alerts = _pager(c["next"]), AlertTracker(c["alerts"])
+        items = await self._paged("/alert/find", {}, pager)
+        b = PageBuilder(self)
         dead: list[DeadLetter] = []
-        for alert, state, event in mapped(items, dead, self._alert):
+        for alert, mark, row in mapped(items, dead, self._alert_row):
             ts, key = alert.timestamp, spoolable_text(alert.id)  # ids go into the cursor, spooled as UTF-8 JSON
             if ts < frm:
                 continue
@@ -485,33 +476,58 @@ class IotoSource(Source):
             elif ts == top:
                 top_edge.add(key)
             fresh = ts > wm or (ts == wm and key not in edge)
-            if not fresh and opened.get(key) == state:
-                continue
-            if state is None:
-                opened.pop(key, None)
-            else:
-                opened[key] = state
-            events.append(event)
-        if nxt is None:  # pass complete: the next run starts from the top with this pass's newest as the watermark
+            news = alerts.update(key, mark, ts, closed=alert.resolved)
+            if fresh or news in (CHANGED, CLOSED) or (news == NEW and not alert.resolved):
+                b.add(*row)
+        done = not pager.has_next_page
+        if done:  # pass complete: the next run starts from the top with this pass's newest as the watermark
             wm, edge = top, top_edge
-        cursor = {"next": nxt, "from": frm, "wm": wm, "edge": sorted(edge), "top": top, "top_edge": sorted(top_edge),
-                  "open": opened}
-        return Page(events, cursor, done=nxt is None, dead=dead, lag_s=0.0 if nxt is None else None)
+            alerts.forget(wm)
+        c = {"next": pager.cursor, "from": frm, "wm": wm, "edge": sorted(edge), "top": top,
+             "top_edge": sorted(top_edge), "alerts": alerts.state()}
+        return b.page(c, done, dead, 0.0 if done else None)
 
-    def _alert(self, raw: Any) -> tuple[AlertItem, int | None, Event]:
-        """One alert as (alert, its state fingerprint, event); raises on anything unreadable."""
-        alert = AlertItem.model_validate(raw)
-        return alert, alert.fingerprint(), self._alert_event(alert)
+    def _alert_cursor(self, cursor: dict[str, Any] | None) -> dict[str, Any]:
+        """The alert cursor; one written before AlertTracker (`open`: id → fingerprint) is carried over."""
+        if cursor is None:
+            frm = self.first_ms(self.now_ms(), "alert")
+            return {"next": None, "from": frm, "wm": frm - 1, "edge": [], "top": frm - 1, "top_edge": [],
+                    "alerts": None}
+        if "open" in cursor:  # an open alert's time was not kept: the watermark stands in (nothing reads it here)
+            old = {k: v for k, v in cursor.items() if k != "open"}
+            opened = {k: [fp, cursor["wm"]] for k, fp in cursor["open"].items()}
+            return {**old, "alerts": {"open": opened, "closed": {}}}
+        return cursor
 
-    def _alert_event(self, a: AlertItem) -> Event:
+    def _alert_row(self, raw: Any) -> tuple[AlertItem, int | None, Row]:
+        """One alert, its state fingerprint and its event's fields; raises on anything unreadable."""
+        a = AlertItem.model_validate(raw)
         device = (a.context or {}).get("deviceId")
         attrs = {"id": a.id, "resolved": "true" if a.resolved else "false"}
         for key, value in (("severity", a.severity), ("subject", a.subject), ("seq", a.seq), ("count", a.count),
                            ("cloudId", a.cloudId)):
             if value is not None:
                 attrs[key] = str(value)
-        return self.event("alert", a.accountId, device if isinstance(device, str) else "", a.name or a.seq or "",
-                          a.timestamp, None, a.message, attrs)
+        device = device if isinstance(device, str) else ""
+        return a, a.fingerprint(), ("alert", a.accountId, device, a.name or a.seq or "", a.timestamp, None, a.message,
+                                    attrs)
+
+    # -- the mappings above as Events: the entry points of tests/test_properties.py ---------------------------
+
+    def _store_event(self, stream: Stream, item: StoreItem) -> Event:
+        return Event(self.name, self.vendor, *self._store_row(item))
+
+    def _log_event(self, raw: Any) -> Event:
+        return Event(self.name, self.vendor, *self._log_row(raw))
+
+    def _alert(self, raw: Any) -> tuple[AlertItem, int | None, Event]:
+        alert, mark, row = self._alert_row(raw)
+        return alert, mark, Event(self.name, self.vendor, *row)
+
+
+def _pager(cursor: str | None) -> CursorPaginator:
+    """Ioto's opaque `next`: typed "object" in one document, so an object is passed back as its JSON text [A]."""
+    return CursorPaginator(cursor, json_objects=True)
 
 
 def _series(raw: Any) -> tuple[MetricSeries, dict[str, str]]:
@@ -521,12 +537,3 @@ def _series(raw: Any) -> tuple[MetricSeries, dict[str, str]]:
     if series.samples is not None:
         attrs["samples"] = str(series.samples)
     return series, attrs
-
-
-def _valid(model: type[DeviceRecord], raw: list[Any]) -> list[DeviceRecord]:
-    """Inventory records that validate; a bad one only loses its streams until it is fixed."""
-    out = []
-    for r in raw:
-        with contextlib.suppress(ValidationError):
-            out.append(model.model_validate(r))
-    return out
