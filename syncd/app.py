@@ -15,7 +15,7 @@ import structlog
 
 from syncd.http import TokenBucket, VendorClient
 from syncd.observability import Metrics, redactor, serve_http
-from syncd.scheduler import StreamState, Syncer
+from syncd.scheduler import StreamState, Syncer, describe
 from syncd.settings import Settings
 from syncd.sinks import build_sinks
 from syncd.sinks.base import Drainer, Sink
@@ -64,6 +64,9 @@ class Daemon:
                                   tls_verify=cfg.tls_verify, map_error=cls.map_error, name=cfg.name,
                                   max_retry_after=cfg.max_retry_after)
             self.syncer.add_source(cls(cfg, client, clock=self.clock))
+        for sink in self.sinks:  # the engine opens (and migrates) on its own thread while the sources discover
+            if isinstance(sink, ClickHouseSink):
+                self.drain_tasks.append(asyncio.create_task(self._open_early(sink), name=f"open:{sink.name}"))
         for d in self.drainers:
             self.drain_tasks.append(asyncio.create_task(d.run(self.drain_stop), name=f"drain:{d.sink.name}"))
         self.http_runner = await serve_http(self.settings.syncd.http, self.metrics, self.ready)
@@ -164,6 +167,13 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.drain_stop.wait(), TRIM_EVERY_S)
             trim(0)
+
+    @staticmethod
+    async def _open_early(sink: ClickHouseSink) -> None:
+        try:
+            await sink.open()
+        except Exception as err:  # noqa: BLE001 - only a head start: the drainer opens it again and owns the failure
+            log.info("sink.early_open_failed", sink=sink.name, error=describe(err))
 
     async def _newest(self, source: str) -> dict[tuple[str, str], int]:
         sink = next(s for s in self.sinks if isinstance(s, ClickHouseSink))

@@ -155,6 +155,9 @@ class ClickHouseSink(Sink):
         self.client: Any = None
         self._migrated = False
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-clickhouse")
+        # An embedded store whose directory does not exist yet holds no events: nothing to resume from, and no
+        # need to wait for the engine to open before the first fetch.
+        self.empty_store = dsn.startswith("chdb://") and not Path(dsn[len("chdb://"):]).exists()
 
     async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args, **kw))
@@ -260,6 +263,8 @@ class ClickHouseSink(Sink):
 
     async def newest(self, source: str) -> dict[tuple[str, str], int]:
         """(kind, tenant) -> epoch ms of the newest stored event of `source` (where a stream with no cursor resumes)."""
+        if self.empty_store:
+            return {}
         await self.open()
         return await self._call(self._newest, source)
 
