@@ -143,11 +143,11 @@ class Spool:
                     "SET cursor=excluded.cursor, updated=excluded.updated",
                     (source, stream, orjson.dumps(cursor).decode(), time.time()),
                 )
-        if page_id is not None:  # committed: from now on a drainer may have it
+        # committed: from now on a drainer may have it. Past the budget the newest pages are not kept (the drainers
+        # take the oldest first, so those are the ones worth having in memory).
+        if page_id is not None and self._fresh_bytes + size <= FRESH_BYTES:
             self._fresh[page_id] = (created, size, dict(payload))
             self._fresh_bytes += size
-            while self._fresh_bytes > FRESH_BYTES:
-                self._fresh_bytes -= self._fresh.popitem(last=False)[1][1]
         return page_id
 
     def _first_sighting(self, source: str, stream: str, letter: list[Any]) -> bool:
@@ -217,18 +217,19 @@ class Spool:
 
     def _pages(self, first: int, last: int) -> list[dict[str, Any]]:
         """Pages first..last, each with `at` (when syncd stored it: how old an event was when fetched, for
-        mqtt.max_age); from memory when this process committed all of them, else decoded from the file."""
-        ids = [r[0] for r in self._db.execute("SELECT id FROM pages WHERE id BETWEEN ? AND ? ORDER BY id", (first, last))]
+        mqtt.max_age); the ones this process committed from memory, the others decoded from the file."""
         fresh = self._fresh
-        if all(i in fresh for i in ids):
-            return [{**fresh[i][2], "at": fresh[i][0]} for i in ids]
-        pages = []
-        for created, data in self._db.execute(
-                "SELECT created, data FROM pages WHERE id BETWEEN ? AND ? ORDER BY id", (first, last)):
-            page = orjson.loads(data)
-            page["at"] = created
-            pages.append(page)
-        return pages
+        ids = [r[0] for r in self._db.execute("SELECT id FROM pages WHERE id BETWEEN ? AND ? ORDER BY id", (first, last))]
+        missing = [i for i in ids if i not in fresh]
+        read: dict[int, dict[str, Any]] = {}
+        if missing:
+            for page_id, created, data in self._db.execute(
+                    "SELECT id, created, data FROM pages WHERE id BETWEEN ? AND ? ORDER BY id", (missing[0], missing[-1])):
+                if page_id not in fresh:
+                    page = orjson.loads(data)
+                    page["at"] = created
+                    read[page_id] = page
+        return [{**fresh[i][2], "at": fresh[i][0]} if i in fresh else read[i] for i in ids]
 
     def ack(self, batch: Batch) -> None:
         """The sink has every page of the batch: advance it and delete pages every sink has."""

@@ -140,3 +140,37 @@ def test_drainers_get_this_process_pages_from_memory_and_the_same_from_the_file_
         assert batch is not None and batch.pages[0]["e"] == rows and batch.pages[0]["e"][0] is not rows[0]
     finally:
         spool_module.FRESH_BYTES = budget
+
+
+FRESH_SCRIPT = r"""
+import json, sys, time
+from syncd.sinks.clickhouse import ClickHouseSink
+from syncd.sinks.schema import migrations, migrations_table
+sink = ClickHouseSink(f"chdb://{sys.argv[1]}", "quick")
+applied = sink.open_sync()  # a store without syncd tables: the final layout at once
+client = sink.client
+steps = migrations("stepwise")  # every migration in order, as an upgrade from the first release does
+client.command(str(steps[0].statements[0]))
+client.command(migrations_table("stepwise"))
+for m in steps:
+    for step in m.statements:
+        client.command(step if isinstance(step, str) else step[0])
+def tables(db):
+    return [[name, engine, key, q.replace(f"`{db}`", "DB").replace(f"{db}.", "DB.")] for name, engine, key, q in client.query(
+        "SELECT name, engine_full, sorting_key, create_table_query FROM system.tables WHERE database = {db:String} "
+        "AND name != 'schema_migrations' AND name NOT LIKE '.inner%' ORDER BY name", parameters={"db": db}).result_rows]
+versions = [r[0] for r in client.query("SELECT version FROM quick.schema_migrations FINAL ORDER BY version").result_rows]
+print(json.dumps([applied, versions, sink.migrate(), tables("quick"), tables("stepwise")]))
+"""
+
+
+def test_a_fresh_store_gets_at_once_the_tables_every_migration_in_order_builds(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FRESH_SCRIPT, str(tmp_path / "ch")], capture_output=True, text=True,
+                         check=True)
+    applied, versions, again, quick, stepwise = json.loads(out.stdout.strip().splitlines()[-1])
+    assert applied == versions == list(range(1, len(versions) + 1)) and again == []
+    assert [t[0] for t in quick] == ["dead_letter", "events", "latest", "latest_mv", "sync_status"]
+    assert quick == stepwise

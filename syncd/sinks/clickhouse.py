@@ -23,7 +23,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError, DataError, Progr
 from syncd.errors import RowsRefused, SchemaMismatch
 from syncd.events import COLUMNS, TS_MAX_MS, TS_MIN_MS
 from syncd.sinks.base import Sink
-from syncd.sinks.schema import migrations, migrations_table
+from syncd.sinks.schema import fresh_schema, migrations, migrations_table
 from syncd.spool import Batch
 
 log = structlog.get_logger("syncd.clickhouse")
@@ -182,6 +182,17 @@ class ClickHouseSink(Sink):
         client.command(str(first.statements[0]))  # the database must exist before the migrations table
         client.command(migrations_table(self.database, self.cluster))
         done = {r[0] for r in client.query(f"SELECT version FROM `{self.database}`.schema_migrations").result_rows}
+        if not done and not client.query(f"SELECT count() FROM system.tables WHERE database = '{self.database}' "
+                                         "AND name NOT LIKE '.inner%' AND name != 'schema_migrations'").result_rows[0][0]:
+            # a store without syncd tables: build the final layout at once (no copies, no rekeys), record every version
+            for stmt in fresh_schema(self.database, self.cluster, self.ttl):
+                client.command(stmt)
+            now = int(time.time() * 1000)
+            client.insert(f"`{self.database}`.schema_migrations", [[m.version, m.name, now] for m in [first, *rest]],
+                          column_names=["version", "name", "applied_at"])
+            applied = [m.version for m in [first, *rest]]
+            log.info("clickhouse.created", versions=applied, database=self.database)
+            return applied
         applied = []
         for m in [first, *rest]:
             if m.version in done:
@@ -206,10 +217,15 @@ class ClickHouseSink(Sink):
         now_ms = int(time.time() * 1000)
         rows = [r for page in batch.pages for r in page.get("e", ())]
         ts = COLUMNS.index("ts")
-        for r in rows:  # the engine stores an out-of-range DateTime64 without a word, then cannot read it back
-            if not (isinstance(r[ts], int) and TS_MIN_MS <= r[ts] <= TS_MAX_MS):
-                raise RowsRefused(f"events: ts {r[ts]!r} is outside DateTime64(3) (1900-01-01..2299-12-31)")
-        for i, group in enumerate(_partition_groups(rows)):
+        stamps = [r[ts] for r in rows]
+        if not all(type(t) is int for t in stamps) or (stamps and not (
+                TS_MIN_MS <= min(stamps) and max(stamps) <= TS_MAX_MS)):
+            # the engine stores an out-of-range DateTime64 without a word, then cannot read it back
+            bad = next(t for t in stamps if not (type(t) is int and TS_MIN_MS <= t <= TS_MAX_MS))
+            raise RowsRefused(f"events: ts {bad!r} is outside DateTime64(3) (1900-01-01..2299-12-31)")
+        # rows spanning under (PARTITIONS_PER_INSERT - 2) × 28 days touch at most PARTITIONS_PER_INSERT months
+        one = bool(rows) and max(stamps) - min(stamps) < (PARTITIONS_PER_INSERT - 2) * 28 * 86_400_000
+        for i, group in enumerate([rows] if one else _partition_groups(rows)):
             columns = [list(c) for c in zip(*group, strict=True)]
             columns.append([now_ms] * len(group))
             token = batch.token if i == 0 else f"{batch.token}/p{i}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+EVENTS_ORDER = "source, vendor, tenant, device, metric, kind, ts"
+LATEST_ORDER = "source, vendor, tenant, device, metric, kind"
 Step = str | tuple[str, str]  # a statement, or (statement, query answering non-zero when it is already done)
 
 
@@ -16,8 +18,17 @@ class Migration:
     done_if: str = ""  # a query answering non-zero when the change is already in place (a crash before recording it)
 
 
-def migrations(database: str, cluster: str = "", ttl: str = "") -> list[Migration]:
-    """Every migration in order. With `cluster`, tables are Replicated with a Distributed front."""
+def fresh_schema(database: str, cluster: str = "", ttl: str = "") -> list[str]:
+    """The statements that build, on a server with no syncd tables, what every migration in order builds: each table
+    created at once with its latest layout (no copy, no rekey), for a quick first start. `migrations` stays the truth;
+    a test checks that both give the same tables."""
+    return [stmt for m in migrations(database, cluster, ttl, fresh=True) for stmt in m.statements
+            if isinstance(stmt, str)]
+
+
+def migrations(database: str, cluster: str = "", ttl: str = "", fresh: bool = False) -> list[Migration]:
+    """Every migration in order. With `cluster`, tables are Replicated with a Distributed front. With `fresh`, the
+    same tables built directly in their final layout (see `fresh_schema`)."""
     on = f" ON CLUSTER `{cluster}`" if cluster else ""
     db = f"`{database}`"
 
@@ -96,16 +107,16 @@ ORDER BY ({order})"""
     return [
         Migration(1, "events", (
             f"CREATE DATABASE IF NOT EXISTS {db}{on}",
-            events_table("events", "vendor, tenant, device, metric, kind, ts"),
+            events_table("events", EVENTS_ORDER if fresh else "vendor, tenant, device, metric, kind, ts"),
             *distributed("events", "cityHash64(vendor, tenant, device)"),
         )),
         Migration(2, "latest", (
-            latest_table("latest", "vendor, tenant, device, metric, kind"),
+            latest_table("latest", LATEST_ORDER if fresh else "vendor, tenant, device, metric, kind"),
             *distributed("latest", "cityHash64(vendor, tenant, device)"),
             # Fed by every insert into events, so "current state" needs no second write path.
             latest_view,
         )),
-        Migration(3, "dead_letter", (
+        Migration(3, "dead_letter", () if fresh else (
             f"""CREATE TABLE IF NOT EXISTS {table('dead_letter')}{on} (
     at DateTime64(3, 'UTC'),
     source LowCardinality(String),
@@ -142,7 +153,7 @@ SETTINGS index_granularity = 8192{dedup}""",
         )),
         # One row per distinct letter (a re-read page adds none), and which sink refused the row, if one did.
         Migration(5, "dead_letter_distinct", (
-            f"""CREATE TABLE IF NOT EXISTS {table('dead_letter_v5')}{on} (
+            f"""CREATE TABLE IF NOT EXISTS {table('dead_letter' if fresh else 'dead_letter_v5')}{on} (
     at DateTime64(3, 'UTC'),
     source LowCardinality(String),
     vendor LowCardinality(String),
@@ -153,19 +164,21 @@ SETTINGS index_granularity = 8192{dedup}""",
 ) ENGINE = {engine('ReplacingMergeTree')}
 ORDER BY (source, stream, sink, reason, cityHash64(payload))
 SETTINGS index_granularity = 8192{dedup}""",
-            f"INSERT INTO {table('dead_letter_v5')} (at, source, vendor, stream, sink, reason, payload) "
-            f"SELECT at, source, vendor, stream, '', reason, payload FROM {table('dead_letter')}",
-            f"EXCHANGE TABLES {table('dead_letter')} AND {table('dead_letter_v5')}{on}",
-            f"DROP TABLE IF EXISTS {table('dead_letter_v5')}{on}",
-            *((f"DROP TABLE IF EXISTS {db}.`dead_letter`{on}", *distributed("dead_letter", "rand()")) if cluster else ()),
+            *(distributed("dead_letter", "rand()") if fresh else (
+                f"INSERT INTO {table('dead_letter_v5')} (at, source, vendor, stream, sink, reason, payload) "
+                f"SELECT at, source, vendor, stream, '', reason, payload FROM {table('dead_letter')}",
+                f"EXCHANGE TABLES {table('dead_letter')} AND {table('dead_letter_v5')}{on}",
+                f"DROP TABLE IF EXISTS {table('dead_letter_v5')}{on}",
+                *((f"DROP TABLE IF EXISTS {db}.`dead_letter`{on}", *distributed("dead_letter", "rand()"))
+                  if cluster else ()))),
         ), done_if=f"SELECT count() FROM system.columns WHERE database = '{database}' "
                    f"AND table = '{'dead_letter_local' if cluster else 'dead_letter'}' AND name = 'sink'"),
         # The source joins the sort keys (and event_id): two deployments with equal ids never replace each
         # other's rows. Existing rows are copied once into tables with the new key.
-        Migration(6, "source_in_sort_keys", (
+        Migration(6, "source_in_sort_keys", () if fresh else (
             f"DROP VIEW IF EXISTS {db}.`latest_mv`{on}",
-            *rekey("events", events_table, "source, vendor, tenant, device, metric, kind, ts"),
-            *rekey("latest", latest_table, "source, vendor, tenant, device, metric, kind"),
+            *rekey("events", events_table, EVENTS_ORDER),
+            *rekey("latest", latest_table, LATEST_ORDER),
             latest_view,
         )),
         # Removing more than 100 outdated parts at once starts a pool of up to 127 threads that is then kept
