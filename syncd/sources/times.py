@@ -96,6 +96,11 @@ def parse_iso_ms(text: str) -> int:
     """ISO 8601 (`Z`, an offset, or naive = UTC; any number of fraction digits, as .NET writes 7) to epoch ms."""
     if not isinstance(text, str):
         raise ValueError(f"not an ISO 8601 date-time: {text!r}"[:200])
+    return _iso_ms(text)
+
+
+@lru_cache(maxsize=65536)  # a page names the same instants many times (one per tag or key): parse each once
+def _iso_ms(text: str) -> int:
     fraction = ""
     m = _ISO_FRACTION.search(text)
     if m is not None:
@@ -149,6 +154,11 @@ def clickhouse_ms(text: Any) -> int:
     """ClickHouse DateTime64 text `YYYY-MM-DD hh:mm:ss[.fff…]` (no zone: UTC) to epoch ms (Proxus `Time`)."""
     if not isinstance(text, str):
         raise ValueError(f"must be a DateTime64 string (got {text!r})"[:200])
+    return _clickhouse_ms(text)
+
+
+@lru_cache(maxsize=65536)  # rows share their Time (one per key), and a page reads each Time more than once
+def _clickhouse_ms(text: str) -> int:
     m = _CH_TIME.fullmatch(text)
     if m is None:
         raise ValueError(f"{text[:40]!r} is not a DateTime64 like '2025-02-25 09:36:00.000'")
