@@ -186,3 +186,20 @@ def test_a_page_of_events_still_works_as_before() -> None:
     e = Event("s", "ixon", "telemetry", "c", "a1", "tag", 1_700_000_000_000, math.inf)
     page = guard_page(Page([e], {"wm": 1}, True))
     assert page.rows()[0][8] is None and page.rows()[0][10] == {"raw_value": "Infinity"} and page.done
+
+
+def test_time_key_paginator_continues_full_answers_that_moved_and_ends_the_rest() -> None:
+    from syncd.sources.paging import TimeKeyPaginator
+
+    p = TimeKeyPaginator(key=1000, limit=3)
+    p.update_state(3, 1300)
+    assert (p.has_next_page, p.key, p.moved) == (True, 1300, True)
+    p = TimeKeyPaginator(**_json(p.state()))
+    p.update_state(3, 1300)  # full, but nothing new readable: asking again would give the same answer
+    assert not p.has_next_page
+    q = TimeKeyPaginator(key=1000, limit=3)
+    q.update_state(2, 1100)  # short: the vendor had no more
+    assert not q.has_next_page and not q.moved
+    r = TimeKeyPaginator(key=1000, limit=3)
+    r.update_state(3, None)  # full of unreadable points
+    assert not r.has_next_page

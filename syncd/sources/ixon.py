@@ -31,7 +31,7 @@ from syncd.sources.base import (
     spoolable_text,
     valid_all,
 )
-from syncd.sources.paging import CursorPaginator, collect
+from syncd.sources.paging import CursorPaginator, TimeKeyPaginator, collect
 from syncd.sources.times import IsoMs
 from syncd.sources.track import NEW, AlertTracker, ChangeTracker
 
@@ -274,12 +274,12 @@ class IxonSource(Source):
                 if not isinstance(points, list):  # the envelope, not a record: never taken as "no points"
                     raise MalformedResponse(f"DataList result for tag {key} without a points array",
                                             body=str(result)[:200], url=self._href("DataList"))
+                pager = TimeKeyPaginator(pos[key], DATALIST_LIMIT, moved=key in more)  # its state: `pos`, `more`
                 read = self._points(stream.tenant, agent, tags[key], points, key, end, reread, base[key],
-                                    pos[key] if key in more else None, wm, tally, b, dead)
-                # keyset paging by time, by hand: KeysetPaginator would hold back each answer's last time and raise
-                # on a full answer that moves no key (all dead or past `end`), which here ends the tag's round
-                if len(points) >= DATALIST_LIMIT and read is not None and read > pos[key]:
-                    pos[key] = read  # cut at the limit: the next page starts at the newest point read
+                                    pager.key if pager.moved else None, wm, tally, b, dead)
+                pager.update_state(len(points), read)
+                if pager.has_next_page:  # cut at the limit: the next page starts at the newest point read
+                    pos[key] = pager.key
                     more.add(key)
                     again.append(key)
         todo = again + rest

@@ -136,6 +136,37 @@ class ODataPaginator:
         self.skip, self.got = self.skip + self.got, 0
 
 
+@dataclass
+class TimeKeyPaginator:
+    """Keyset paging by a time no two rows share (IXON DataList: one point per tag and time), `limit` rows per answer.
+
+    Each request asks from `key` on, inclusive (the vendor's `start`): once the range `moved`, rows at or before
+    `key` were read already and the caller skips them. A full answer whose newest key moved on is continued from that
+    key; any other answer ends the range: a short one (the vendor had no more), and a full one that moved nothing
+    (every row unreadable, or past the range's end), which would ask the same again for ever. A cut body is no
+    answer here: it fails to parse and is retried whole.
+    """
+
+    key: int
+    limit: int
+    moved: bool = False
+    done: bool = False
+
+    @property
+    def has_next_page(self) -> bool:
+        return not self.done
+
+    def state(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def update_state(self, count: int, newest: int | None) -> None:
+        """Judge an answer of `count` rows whose newest readable key within the range is `newest`."""
+        if count >= self.limit and newest is not None and newest > self.key:
+            self.key, self.moved = newest, True
+        else:
+            self.done = True
+
+
 # -- keyset paging under a silent row cap (DESIGN.md "A range ends only when the vendor says so") -----------------
 
 @dataclass
