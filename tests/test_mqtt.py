@@ -11,12 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 
+from syncd.errors import VendorAuthError
 from syncd.events import Event
 from syncd.settings import MqttSettings
 from syncd.sim.common import sims_in_thread
 from syncd.sim.iotopen import IotOpenSim
 from syncd.sinks.mqtt import MqttSink, topic_level, topic_name
+from syncd.sinks.mqtt_protocol import Connection, MqttError
+from syncd.sources.mqtt_push import MqttSubscription
 from syncd.spool import Batch
 from tests.conftest import Mosquitto, free_port
 from tests.helpers import ch, popen_syncd, syncd, write_config
@@ -262,3 +266,157 @@ def test_once_with_the_broker_down_exits_1_keeps_the_backlog_and_sends_it_next_r
         finally:
             sub.close()
     assert seen == _stored_ids(tmp_path / "data") and len(seen) == 804
+
+
+def test_qos_0_and_qos_2_deliver_every_event_once(mosquitto: Mosquitto) -> None:
+    """QoS 2 finishes each publish with PUBREC/PUBREL/PUBCOMP; QoS 0 returns once a PINGRESP shows the broker read all.
+
+    3000 QoS 2 publishes in one batch are far over Mosquitto's quota of QoS 2 publishes awaiting PUBREL (100 here):
+    one over it would be dropped, yet acknowledged.
+    """
+    now = int(time.time() * 1000)
+    sent: dict[int, set[int]] = {}
+    sub = Subscriber(mosquitto.port)
+
+    async def scenario() -> None:
+        for qos in (0, 2):
+            events = [Event("src", "ven", "log", f"q{qos}", f"dev{i % 7}", f"m{i % 3}", now - i, float(i)) for i in range(3000)]
+            sent[qos] = {e.event_id for e in events}
+            sink = MqttSink(MqttSettings(url=mosquitto.url, qos=qos), instance=f"qos{qos}")
+            try:
+                assert await sink.write(Batch("mqtt", 1, 1, "t", [{"e": [e.row() for e in events], "at": time.time()}])) == 0
+                assert sink.published == 3000
+            finally:
+                await sink.close()
+
+    try:
+        asyncio.run(scenario())
+        wait_for(lambda: len(sub.events()) >= 6000, timeout=30)
+        sub.wait_quiet(quiet=0.5)
+        got = [(t.split("/")[2], int(p["event_id"])) for t, p in sub.events()]
+    finally:
+        sub.close()
+    assert sorted(got) == sorted([("q0", e) for e in sent[0]] + [("q2", e) for e in sent[2]])
+
+
+async def _packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One MQTT packet as (first byte, the rest after the remaining length)."""
+    first, size, shift = (await reader.readexactly(1))[0], 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        size |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return first, await reader.readexactly(size)
+
+
+async def _fake_broker(serve: Any) -> tuple[asyncio.Server, int]:
+    """A broker on port 0 that answers CONNECT with CONNACK 0, then hands the stream to `serve(reader, writer)`."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first, _ = await _packet(reader)
+        assert first == 0x10
+        writer.write(b"\x20\x02\x00\x00")
+        try:
+            await serve(reader, writer)
+        except asyncio.IncompleteReadError:
+            pass  # the client went away
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_publish_keeps_at_most_the_window_in_flight_and_fails_when_acks_stop() -> None:
+    async def scenario() -> tuple[list[int], list[int], str]:
+        acked_ids: list[int] = []
+        silent_ids: list[int] = []
+
+        async def acking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:  # acknowledge in groups of 5, newest first: order does not matter, only that each is acked
+                group = []
+                for _ in range(5):
+                    first, body = await _packet(reader)
+                    assert first >> 4 == 3 and (first >> 1) & 3 == 1
+                    group.append(body[2 + int.from_bytes(body[:2], "big"):][:2])
+                acked_ids.extend(int.from_bytes(m, "big") for m in group)
+                writer.write(b"".join(b"\x40\x02" + m for m in reversed(group)))
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:  # reads every publish, acknowledges none
+                first, body = await _packet(reader)
+                if first >> 4 == 3:
+                    silent_ids.append(int.from_bytes(body[2 + int.from_bytes(body[:2], "big"):][:2], "big"))
+
+        messages = [(f"t/{i}", b"x" * i, False) for i in range(25)]
+        server, port = await _fake_broker(acking)
+        async with server:
+            conn = Connection("window-test")
+            await conn.connect("127.0.0.1", port)
+            await conn.publish(messages, 1, window=10, timeout=10)  # returns: all 25 acknowledged
+            conn.abort()
+        server, port = await _fake_broker(silent)
+        async with server:
+            conn = Connection("silent-test")
+            await conn.connect("127.0.0.1", port)
+            with pytest.raises(MqttError) as err:
+                await conn.publish(messages, 1, window=10, timeout=0.5)
+            conn.abort()
+        return acked_ids, silent_ids, str(err.value)
+
+    acked_ids, silent_ids, reason = asyncio.run(scenario())
+    assert acked_ids == list(range(1, 26))
+    assert silent_ids == list(range(1, 11))  # the window, and not one publish more without an acknowledgement
+    assert reason == "10 publishes unacknowledged for 0.5 s"
+
+
+def test_keepalive_pings_and_a_broker_that_stops_answering_ends_the_connection() -> None:
+    async def scenario() -> tuple[list[int], str]:
+        seen: list[int] = []
+
+        async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                first, _ = await _packet(reader)
+                seen.append(first)
+
+        server, port = await _fake_broker(deaf)
+        async with server:
+            conn = Connection("keepalive-test", keepalive=1)
+            await conn.connect("127.0.0.1", port)
+            with pytest.raises(MqttError) as err:
+                await asyncio.wait_for(conn.receive(), 10)
+        return seen, str(err.value)
+
+    seen, reason = asyncio.run(scenario())
+    assert seen == [0xC0]  # one PINGREQ after half the keepalive of silence, then the connection is given up
+    assert reason == "no PINGRESP within 0.5 s"
+
+
+def test_push_subscription_with_a_wrong_password_is_an_auth_error(tmp_path: Path) -> None:
+    import getpass
+    import shutil
+
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    subprocess.run([passwd, "-b", "-c", str(tmp_path / "passwd"), "navixy", "right-pass"], check=True, capture_output=True)
+    broker = Mosquitto(tmp_path / "mosquitto")
+    broker.conf.write_text(f"user {getpass.getuser()}\nlistener {broker.port} 127.0.0.1\nallow_anonymous false\n"
+                           f"password_file {tmp_path}/passwd\n")
+    broker.start()
+
+    async def run(password: str) -> list[list[str]]:
+        got: list[list[str]] = []
+        sub = MqttSubscription(f"mqtt://127.0.0.1:{broker.port}", ["ngp/#"], client_id="auth-test",
+                               username="navixy", password=password, timeout=10)
+
+        async def handle(batch: list[aiomqtt.Message]) -> None:
+            got.append([str(m.topic) for m in batch])
+
+        await sub.run(handle, asyncio.Event(), idle=0.3)
+        return got
+
+    try:
+        with pytest.raises(VendorAuthError, match=r"refused the MQTT credentials: connection refused \(5: not authorized\)"):
+            asyncio.run(run("wrong-pass"))
+        assert asyncio.run(run("right-pass")) == []  # subscribed, quiet for `idle`, returned
+    finally:
+        broker.stop()

@@ -24,14 +24,16 @@ message over MQTT's packet limit) makes `write` raise `RowsRefused` naming the f
 of the batch is published; the drainer then splits the batch and dead-letters that row alone.
 
 Memory while the broker is down: `write` connects before it builds a single message, so a batch that
-cannot go out costs no payloads; one aiomqtt client (and one TLS context) serves every connection
-attempt, and paho's queues are emptied when a connection is dropped, so a long outage holds nothing
+cannot go out costs no payloads; one connection object (and one TLS context) serves every connection
+attempt, and a dropped connection is aborted with whatever it had not sent, so a long outage holds nothing
 here but the batch the drainer retries (the backlog waits in the spool, on disk).
+
+The wire protocol is `mqtt_protocol` (MQTT 3.1.1 on asyncio): a window of publishes in flight, their
+acknowledgements read in bulk, which is what makes the rate (`bench/bench_mqtt.py`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import ssl
@@ -42,22 +44,22 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import aiomqtt
 import orjson
-import paho.mqtt.client as mqtt
 import structlog
 
 from syncd.errors import RowsRefused
 from syncd.events import COLUMNS
 from syncd.settings import MqttSettings
 from syncd.sinks.base import Sink
+from syncd.sinks.mqtt_protocol import Connection, MqttError, Will
 from syncd.spool import Batch
 
 log = structlog.get_logger("syncd.mqtt")
 
 _EVENT_ID, _SOURCE, _VENDOR, _KIND, _TENANT, _DEVICE, _METRIC, _TS, _VALUE, _TEXT, _ATTRS = range(len(COLUMNS))
-PUBLISH_WINDOW = 200  # publishes in flight at once; paho scans its queue per ack, so keep it modest
-ACK_TIMEOUT = 30.0  # seconds without any acknowledgement before the connection counts as dead
+PUBLISH_WINDOW = 1_000  # publishes in flight at once (bounded memory, enough to keep the broker busy)
+ACK_TIMEOUT = 30.0  # seconds without any acknowledgement (or to connect) before the connection counts as dead
+KEEPALIVE_S = 30
 MAX_LEVEL_BYTES = 256  # a longer topic level is shortened to a prefix and a hash of the whole name
 MAX_PACKET = 268_435_455  # MQTT's largest remaining length: topic, packet id and payload must fit
 
@@ -162,9 +164,8 @@ class MqttSink(Sink):
         self.password = settings.password.get_secret_value() or unquote(url.password or "")
         self.prefix = topic_level(settings.prefix) if settings.prefix else "syncd"
         self.state_topic = f"{self.prefix}/_syncd/{topic_level(instance)}/state"
-        self.client: aiomqtt.Client | None = None  # connected
-        self.acks: _Acks | None = None
-        self._idle: aiomqtt.Client | None = None  # never connected: the next attempt reuses it
+        self.client: Connection | None = None  # connected
+        self._idle: Connection | None = None  # never connected: the next attempt reuses it
         self._tls_context: ssl.SSLContext | None = None  # one for every connection (it holds the loaded CA store)
         self.clients_made = 0
         self.retained_ts: dict[str, int] = {}  # newest ts published retained per status topic
@@ -183,42 +184,29 @@ class MqttSink(Sink):
             self._tls_context = context
         return self._tls_context
 
-    def _make_client(self) -> aiomqtt.Client:
-        s = self.settings
+    def _make_client(self) -> Connection:
         self.clients_made += 1
-        return aiomqtt.Client(
-            self.host, self.port, username=self.username or None, password=self.password or None,
-            identifier=s.client_id or f"syncd-{self.instance}", clean_session=True, timeout=ACK_TIMEOUT,
-            will=aiomqtt.Will(self.state_topic, b"offline", qos=1, retain=True),
-            tls_context=self._tls() if self.tls else None,
-            max_inflight_messages=0, keepalive=30,  # 0: unlimited in paho; our window bounds it, and paho skips a per-ack scan
-        )
+        return Connection(self.settings.client_id or f"syncd-{self.instance}", username=self.username,
+                          password=self.password, clean_session=True, keepalive=KEEPALIVE_S,
+                          will=Will(self.state_topic, b"offline", qos=1, retain=True))
 
     async def open(self) -> None:
-        """Connect (no-op when connected). While the broker is down every attempt reuses one client object.
-
-        A client that never connected is as good as new (aiomqtt releases it when the connect or the CONNACK
-        fails); one that was connected is closed and replaced, since aiomqtt would not wait for the next CONNACK.
-        """
+        """Connect (no-op when connected). While the broker is down every attempt reuses one connection object:
+        a failed attempt leaves nothing in it. One that was connected and is lost is dropped and replaced."""
         if self.client is not None:
             return
         client, self._idle = self._idle or self._make_client(), None
         try:
-            await client.__aenter__()
-        except aiomqtt.MqttReentrantError:
-            raise
-        except aiomqtt.MqttError:
+            await client.connect(self.host, self.port, tls=self._tls() if self.tls else None, timeout=ACK_TIMEOUT)
+        except MqttError:
             self._idle = client
             raise
-        except BaseException:  # cancelled while connecting: its state is unknown, so it is not reused
-            await _release(client)
-            raise
         try:
-            await client.publish(self.state_topic, b"online", qos=1, retain=True)
+            await client.publish([(self.state_topic, b"online", True)], 1, timeout=ACK_TIMEOUT)
         except BaseException:
-            await _release(client)
+            client.abort()
             raise
-        self.client, self.acks = client, _Acks(client)
+        self.client = client
         log.info("mqtt.connected", broker=f"{self.host}:{self.port}", tls=self.tls)
 
     async def write(self, batch: Batch) -> int:
@@ -230,18 +218,17 @@ class MqttSink(Sink):
         if not any(page.get("e") for page in batch.pages):
             return 0  # only dead letters or stream status: nothing for the bus, no need for the broker
         await self.open()
-        assert self.client is not None and self.acks is not None
+        assert self.client is not None
         messages, retained, skipped = self._messages(batch)
         try:
-            await self.acks.publish_all(messages, self.settings.qos)
+            await self.client.publish(messages, self.settings.qos, window=PUBLISH_WINDOW, timeout=ACK_TIMEOUT)
         except BaseException:
-            await self._drop_connection()
+            self._drop_connection()
             raise
         self.retained_ts.update(retained)
         self.published += len(messages)
         self.skipped_old += skipped
         return skipped
-
     def _messages(self, batch: Batch) -> tuple[list[tuple[str, bytes, bool]], dict[str, int], int]:
         """(topic, payload, retain) per fresh event, the retained ts per status topic, and the count too old.
 
@@ -286,85 +273,19 @@ class MqttSink(Sink):
                 out.append((topic, body, retain))
         return out, retained, skipped
 
-    async def _drop_connection(self) -> None:
-        client, self.client, self.acks = self.client, None, None
+    def _drop_connection(self) -> None:
+        """Abort: the unsent rest of a failed batch goes with the socket (the spool still holds the batch)."""
+        client, self.client = self.client, None
         if client is not None:
-            await _release(client)
+            client.abort()
 
     async def close(self) -> None:
         """A clean stop leaves `offline` on the state topic (the will covers an unclean one)."""
-        client, self.client, self.acks, self._idle = self.client, None, None, None
+        client, self.client, self._idle = self.client, None, None
         if client is None:
             return
         try:
-            await client.publish(self.state_topic, b"offline", qos=1, retain=True, timeout=5)
-        except aiomqtt.MqttError as err:
+            await client.publish([(self.state_topic, b"offline", True)], 1, timeout=5)
+        except MqttError as err:
             log.warning("mqtt.offline_not_published", error=str(err))
-        await _release(client)
-
-
-class _Acks:
-    """A sliding window of publishes on the paho client under aiomqtt, finished when the broker acked each.
-
-    aiomqtt's own `publish()` is one awaited call per message and scans every pending call each time,
-    which turns thousands in flight into quadratic work; this keeps its connection handling and reads
-    acknowledgements straight from paho's `on_publish` (called on the event loop, by aiomqtt's reader).
-    """
-
-    def __init__(self, client: aiomqtt.Client) -> None:
-        self.client = client
-        self.paho = client._client
-        self.waiting: set[int] = set()
-        self.progress = asyncio.Event()
-        self._chained: Any = self.paho.on_publish
-        self.paho.on_publish = self._on_publish
-
-    def _on_publish(self, paho: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        self._chained(paho, userdata, mid, reason, properties)
-        if mid in self.waiting:
-            self.waiting.discard(mid)
-            self.progress.set()
-
-    async def publish_all(self, messages: list[tuple[str, bytes, bool]], qos: int) -> None:
-        for topic, body, retain in messages:
-            while len(self.waiting) >= PUBLISH_WINDOW:
-                await self._progress()
-            info = self.paho.publish(topic, body, qos, retain)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                raise aiomqtt.MqttCodeError(info.rc, f"could not publish to {topic}")
-            if qos > 0 and not info.is_published():
-                self.waiting.add(info.mid)
-        while self.waiting:
-            await self._progress()
-
-    async def _progress(self) -> None:
-        """Wait for at least one acknowledgement; a lost connection or a silent broker raises."""
-        self.progress.clear()
-        gone = self.client._disconnected
-        if gone.done():
-            raise aiomqtt.MqttError("connection lost with publishes unacknowledged")
-        waiter: asyncio.Future[Any] = asyncio.ensure_future(self.progress.wait())
-        either: list[asyncio.Future[Any]] = [waiter, gone]
-        try:
-            done, _ = await asyncio.wait(either, timeout=ACK_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if waiter not in done:
-            raise aiomqtt.MqttError(f"{len(self.waiting)} publishes unacknowledged (connection lost or broker silent)")
-
-
-async def _release(client: aiomqtt.Client) -> None:
-    """Disconnect (quietly: the connection may be gone) and empty what paho still holds for it at once: the
-    unacknowledged publishes of a failed batch would otherwise stay until the garbage collector finds the client."""
-    try:
-        await client.__aexit__(None, None, None)
-    except Exception:  # the connection is already gone; nothing more to release
-        pass
-    gone = client._disconnected
-    if gone.done() and not gone.cancelled():
-        gone.exception()  # seen here: asyncio need not log "Future exception was never retrieved"
-    paho = client._client
-    with paho._out_message_mutex:
-        paho._out_messages.clear()
-        paho._inflight_messages = 0
-    paho._out_packet.clear()
+        await client.disconnect()

@@ -3,6 +3,8 @@
 The broker session is the stream's cursor: with clean_session=False and a stable client id the broker keeps
 the subscriptions and queues what arrives while syncd is away, and a message that was delivered but not
 acknowledged (the process died before the spool commit) is delivered again on the next connection.
+The MQTT 3.1.1 client is the sink's (`syncd.sinks.mqtt_protocol`), whose `ack` sends a PUBACK when we say so;
+messages are handed over as `aiomqtt.Message` objects, the type the push connectors are written against.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import aiomqtt
 import structlog
 
 from syncd.errors import RequestRejected, VendorAuthError, VendorConnectionError
+from syncd.sinks.mqtt_protocol import Connection, ConnectRefused, MqttError, Received
 
 log = structlog.get_logger("syncd.mqtt_push")
 
@@ -26,7 +29,7 @@ KEEPALIVE_S = 30
 MAX_BATCH = 500  # messages handed over (and committed as one spool page) at most at once
 LINGER_S = 0.02  # a batch is handed over once no further message arrived for this long
 SEEN_MAX = 100_000  # payload digests remembered to drop repeats (several topics, QoS 1 redelivery)
-AUTH_CONNACK = {4, 5, 134, 135}  # bad user name or password / not authorised (MQTT 3.1.1 codes and their v5 forms)
+AUTH_CONNACK = {4, 5}  # bad user name or password / not authorised (MQTT 3.1.1 CONNACK codes)
 
 Handler = Callable[[list[aiomqtt.Message]], Awaitable[None]]
 
@@ -42,65 +45,62 @@ class MqttSubscription:
         self._seen: set[bytes] = set()
         self._seen_order: deque[bytes] = deque()
 
-    def _client(self) -> aiomqtt.Client:
-        u = urlsplit(self.url)
-        tls = None
-        if u.scheme == "mqtts":
-            tls = ssl.create_default_context()
-            if not self.tls_verify:
-                tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-        client = aiomqtt.Client(
-            u.hostname or "127.0.0.1", u.port or (8883 if tls else 1883), username=self.username or u.username or None,
-            password=self.password or u.password or None, identifier=self.client_id, clean_session=False,
-            protocol=aiomqtt.ProtocolVersion.V311, keepalive=KEEPALIVE_S, timeout=self.timeout, tls_context=tls,
-        )
-        # aiomqtt has no manual-ack option; its paho client does: PUBACK goes out in run(), after the commit.
-        client._client.manual_ack_set(True)
-        return client
+    def _tls(self) -> ssl.SSLContext | None:
+        if urlsplit(self.url).scheme != "mqtts":
+            return None
+        tls = ssl.create_default_context()
+        if not self.tls_verify:
+            tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        return tls
 
     async def run(self, handle: Handler, stop: asyncio.Event, idle: float | None) -> None:
         """Until `stop` (or `idle` quiet seconds): `await handle(new_messages)` per batch, then ack the batch."""
+        u, tls = urlsplit(self.url), self._tls()
+        client = Connection(self.client_id, username=self.username or u.username or "",
+                            password=self.password or u.password or "", clean_session=False, keepalive=KEEPALIVE_S)
         try:
-            client = self._client()
-            async with client:
-                granted = await client.subscribe([(t, 1) for t in self.topics])
-                refused = [t for t, rc in zip(self.topics, granted, strict=False) if _code(rc) >= 128]
+            await client.connect(u.hostname or "127.0.0.1", u.port or (8883 if tls else 1883), tls=tls,
+                                 timeout=self.timeout)
+            try:
+                granted = await client.subscribe([(t, 1) for t in self.topics], timeout=self.timeout)
+                refused = [t for t, rc in zip(self.topics, granted, strict=False) if rc >= 128]
                 if refused:
                     raise RequestRejected(f"broker {self.where} refused the subscription to {refused}")
                 log.info("mqtt_push.subscribed", broker=self.where, topics=self.topics, client_id=self.client_id)
                 await self._pump(client, handle, stop, idle)
-        except aiomqtt.MqttCodeError as err:
-            if _code(getattr(err, "rc", -1)) in AUTH_CONNACK:
+            finally:
+                await client.disconnect(timeout=self.timeout)
+        except ConnectRefused as err:
+            if err.code in AUTH_CONNACK:
                 raise VendorAuthError(f"broker {self.where} refused the MQTT credentials: {err}") from None
             raise VendorConnectionError(f"broker {self.where}: {err}") from None
-        except aiomqtt.MqttError as err:
+        except MqttError as err:
             raise VendorConnectionError(f"broker {self.where}: {err}") from None
 
-    async def _pump(self, client: aiomqtt.Client, handle: Handler, stop: asyncio.Event, idle: float | None) -> None:
-        messages = client.messages
+    async def _pump(self, client: Connection, handle: Handler, stop: asyncio.Event, idle: float | None) -> None:
         stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
-        # The pending read is kept across batches, never cancelled mid-stream: a cancelled read could drop a
-        # message it already took from the queue (on exit that is harmless: unacked messages come again).
+        # The pending read is kept across batches and cancelled on exit (it then leaves its message in the queue,
+        # and a message not acked comes again on the next connection anyway).
         pending: asyncio.Future[Any] | None = None
         try:
             while not stop.is_set():
-                pending = pending or asyncio.ensure_future(messages.__anext__())
+                pending = pending or asyncio.ensure_future(client.receive())
                 done, _ = await asyncio.wait({pending, stopping}, timeout=idle, return_when=asyncio.FIRST_COMPLETED)
                 if pending not in done:
                     return  # stopping, or quiet for `idle` seconds
-                batch, pending = [pending.result()], None
+                batch, pending = [_message(pending.result())], None
                 while len(batch) < MAX_BATCH:
-                    pending = asyncio.ensure_future(messages.__anext__())
+                    pending = asyncio.ensure_future(client.receive())
                     done, _ = await asyncio.wait({pending}, timeout=LINGER_S)
                     if pending not in done:
                         break
-                    batch.append(pending.result())
+                    batch.append(_message(pending.result()))
                     pending = None
                 fresh, digests = self._new(batch)
                 if fresh:
                     await handle(fresh)
                 for m in batch:
-                    client._client.ack(m.mid, m.qos)
+                    client.ack(m.mid, m.qos)
                 self._remember(digests)
         finally:
             stopping.cancel()
@@ -126,15 +126,14 @@ class MqttSubscription:
             self._seen.discard(self._seen_order.popleft())
 
 
+def _message(m: Received) -> aiomqtt.Message:
+    return aiomqtt.Message(m.topic, m.payload, m.qos, m.retain, m.mid, None)
+
+
 def payload_bytes(payload: Any) -> bytes:
     if isinstance(payload, bytes | bytearray):
         return bytes(payload)
     return str(payload).encode() if payload is not None else b""
-
-
-def _code(rc: Any) -> int:
-    """A paho reason code (object or int) as an int."""
-    return int(getattr(rc, "value", rc))
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
