@@ -365,12 +365,14 @@ class IxonSource(Source):
         """
         agent, rel = stream.params["agent"], "AgentDataAlarmOccurrenceList"
         cur = self._alert_cursor(stream, cursor)
-        since, newest = int(cur["since"]), cur["newest"]
+        if cur["after"] is None:  # a new listing: what was known before it tells a late occurrence
+            cur = {**cur, "known": cur["newest"]}
+        since, newest, known = int(cur["since"]), cur["newest"], cur.get("known")
         pager, alerts = CursorPaginator(**(cur["after"] or {})), AlertTracker(cur)
         items, more = await self._list_page(rel, agent, ALARM_FIELDS, pager.cursor,
                                             ALARM_FILTER.format(since=ms_to_iso(since)))
         pager.update_state(more, f"GET {self._href(rel, agent)} moreAfter")
-        b, tenant = PageBuilder(self), stream.tenant
+        b, tenant, late = PageBuilder(self), stream.tenant, 0
         dead: list[DeadLetter] = []
         for occ in valid_all(Occurrence, items, dead, lambda raw: {"agent": agent, "occurrence": raw}):
             pid = spoolable_text(occ.publicId)  # ids go into the cursor, spooled as UTF-8 JSON
@@ -386,22 +388,29 @@ class IxonSource(Source):
             attrs = {"occurrence": pid, "severity": severity, "acknowledged": str(bool(occ.acknowledged)).lower()}
             if change == NEW:
                 b.add("alert", tenant, agent, occ.alarm.name, occ.occurredOn, None, text, {**attrs, "state": "open"})
+                late += known is not None and occ.occurredOn < known  # visible only after a newer one was read
             if occ.rtnOn is not None:
                 b.add("alert", tenant, agent, occ.alarm.name, occ.rtnOn, None, text, {**attrs, "state": "closed"})
         if pager.has_next_page:
-            return b.page({**cur, "after": pager.state(), "newest": newest, **alerts.state()}, False, dead)
-        # the next run re-reads from the oldest open occurrence (to see it close); closed ones before it drop out
+            return b.page({**cur, "after": pager.state(), "newest": newest, **alerts.state()}, False, dead, None, late)
+        # The next listing starts `late_window` before the newest occurrence (one that becomes visible late is still
+        # found), or at the oldest open one (to see it close), never before `floor` (the stream's start); closed
+        # ones before it drop out of the tracker, the others keep a re-read from emitting them again.
+        window_ms, _ = late_settings(self.config, LATE_WINDOW_S, RECONCILE_EVERY_S)
+        floor = int(cur.get("floor", since))
+        since = max(floor, (newest if newest is not None else since) - window_ms)
         oldest = alerts.oldest_open()
-        since = oldest if oldest is not None else max(since, newest if newest is not None else since)
+        since = min(since, oldest) if oldest is not None else since
         alerts.forget(since)
-        return b.page({"since": since, "after": None, "newest": newest, **alerts.state()}, True, dead, 0.0)
+        return b.page({"since": since, "floor": floor, "after": None, "newest": newest, **alerts.state()}, True, dead,
+                      0.0, late)
 
     def _alert_cursor(self, stream: Stream, cursor: dict[str, Any] | None) -> dict[str, Any]:
         """The alert cursor; one written before the shared parts is carried over: its `after` was `moreAfter`
         itself and its `open` held {occurrence: occurredOn}."""
         if cursor is None:
-            return {"since": self.first_ms(self.now_ms(), stream.name), "after": None, "newest": None, "open": {},
-                    "closed": {}}
+            first = self.first_ms(self.now_ms(), stream.name)
+            return {"since": first, "floor": first, "after": None, "newest": None, "open": {}, "closed": {}}
         after = cursor["after"]
         return {**cursor, "after": CursorPaginator(after).state() if isinstance(after, str) else after,
                 "open": {k: v if isinstance(v, list) else [None, v] for k, v in cursor["open"].items()}}
