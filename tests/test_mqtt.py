@@ -15,11 +15,11 @@ import pytest
 
 from syncd.errors import VendorAuthError
 from syncd.events import Event
+from syncd.mqtt_protocol import Connection, MqttError
 from syncd.settings import MqttSettings
 from syncd.sim.common import sims_in_thread
 from syncd.sim.iotopen import IotOpenSim
 from syncd.sinks.mqtt import MqttSink, topic_level, topic_name
-from syncd.sinks.mqtt_protocol import Connection, MqttError
 from syncd.sources.mqtt_push import MqttSubscription
 from syncd.spool import Batch
 from tests.conftest import Mosquitto, free_port

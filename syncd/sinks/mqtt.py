@@ -49,9 +49,9 @@ import structlog
 
 from syncd.errors import RowsRefused
 from syncd.events import COLUMNS
+from syncd.mqtt_protocol import Connection, MqttError, Will
 from syncd.settings import MqttSettings
 from syncd.sinks.base import Sink
-from syncd.sinks.mqtt_protocol import Connection, MqttError, Will
 from syncd.spool import Batch
 
 log = structlog.get_logger("syncd.mqtt")

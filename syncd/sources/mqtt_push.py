@@ -3,7 +3,7 @@
 The broker session is the stream's cursor: with clean_session=False and a stable client id the broker keeps
 the subscriptions and queues what arrives while syncd is away, and a message that was delivered but not
 acknowledged (the process died before the spool commit) is delivered again on the next connection.
-The MQTT 3.1.1 client is the sink's (`syncd.sinks.mqtt_protocol`), whose `ack` sends a PUBACK when we say so;
+The MQTT 3.1.1 client is the sink's (`syncd.mqtt_protocol`), whose `ack` sends a PUBACK when we say so;
 messages are handed over as `aiomqtt.Message` objects, the type the push connectors are written against.
 """
 
@@ -21,7 +21,7 @@ import aiomqtt
 import structlog
 
 from syncd.errors import RequestRejected, VendorAuthError, VendorConnectionError
-from syncd.sinks.mqtt_protocol import Connection, ConnectRefused, MqttError, Received
+from syncd.mqtt_protocol import Connection, ConnectRefused, MqttError, Received
 
 log = structlog.get_logger("syncd.mqtt_push")
 
