@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 import orjson
 
 P = ParamSpec("P")
-FRESH_BYTES = 16 * 2**20  # encoded bytes of just-committed pages kept decoded for the drainers (~4x in memory)
+FRESH_BYTES = 64 * 2**20  # encoded bytes of just-committed pages kept decoded for the drainers (~1.5x in memory, attrs shared)
 T = TypeVar("T")
 
 _SCHEMA = """
