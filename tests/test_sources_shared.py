@@ -203,3 +203,31 @@ def test_time_key_paginator_continues_full_answers_that_moved_and_ends_the_rest(
     r = TimeKeyPaginator(key=1000, limit=3)
     r.update_state(3, None)  # full of unreadable points
     assert not r.has_next_page
+
+
+@pytest.mark.parametrize("bad", [
+    ("ts", 2**70), ("ts", 1.5), ("ts", True), ("value", math.inf), ("value", -math.inf), ("value", math.nan),
+    ("value", 10**400), ("value", "1"), ("value", False), ("device", "x\udc00"), ("text", "\ud83d"), ("metric", 7),
+    ("attrs", {"k\ud83d": "v"}), ("attrs", {"k": 1}), ("attrs", ["k"]),
+])
+def test_the_column_checks_pass_a_clean_page_whole_and_send_any_flaw_row_by_row(bad: tuple[str, object]) -> None:
+    def build(flaw: tuple[str, object] | None) -> Page:
+        b = PageBuilder(_Src())  # type: ignore[arg-type]
+        for i in range(5):
+            row = {"tenant": "10", "device": "dev", "metric": "t", "ts": 1_700_000_000_000 + i, "value": i / 2,
+                   "text": "ok", "attrs": {"unit": "C"}}
+            if flaw is not None and i == 3:
+                row[flaw[0]] = flaw[1]
+            b.add("log", row["tenant"], row["device"], row["metric"], row["ts"], row["value"], row["text"], row["attrs"])
+        return b.page(None, True)
+
+    clean = build(None)
+    assert guard_page(clean).columns is clean.columns  # nothing to change: the very columns go on
+    flawed = guard_page(build(bad))
+    kept_values = [r[8] for r in flawed.rows()]
+    if bad[0] == "value" and bad[1] in (math.inf, -math.inf) or (isinstance(bad[1], float) and math.isnan(bad[1])):
+        assert len(kept_values) == 5 and kept_values[3] is None and "raw_value" in flawed.rows()[3][10]
+    elif bad == ("value", 10**400):
+        assert len(kept_values) == 5 and flawed.rows()[3][10]["raw_value"] == str(10**400)
+    else:
+        assert len(kept_values) == 4 and len(flawed.dead) == 1 and flawed.dead[0].reason.startswith(bad[0])

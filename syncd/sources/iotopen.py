@@ -12,7 +12,7 @@ import base64
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from syncd.errors import MalformedResponse, VendorAuthError
 from syncd.events import Event
@@ -51,7 +51,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-Id = Annotated[int | float | None, BeforeValidator(_finite)]  # ids are numbers; an Infinity is a bad record
+Id = Annotated[int | float | None, AfterValidator(_finite)]  # ids are numbers; an Infinity (or "INFINITY") is a bad record
 
 
 class LynxValue(BaseModel):
