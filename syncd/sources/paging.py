@@ -26,6 +26,19 @@ class Paginator(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
+class _Pager:
+    """What every paginator answers: whether there is a next page, and its state as plain JSON."""
+
+    done: bool
+
+    @property
+    def has_next_page(self) -> bool:
+        return not self.done
+
+    def state(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
 async def collect(pager: Paginator, fetch: Callable[[Any], Awaitable[list[Any]]]) -> list[Any]:
     """Every item of a listing: `fetch(pager)` asks for one page (and updates the pager) until it has no next page."""
     items: list[Any] = []
@@ -36,7 +49,7 @@ async def collect(pager: Paginator, fetch: Callable[[Any], Awaitable[list[Any]]]
 
 
 @dataclass
-class OffsetPaginator:
+class OffsetPaginator(_Pager):
     """offset + limit paging with a total the vendor reports (IoT Open's v3 log, Navixy's mapping list).
 
     The range ends on an empty page or once the offset reaches the total; a short page before the total is a cut
@@ -49,13 +62,6 @@ class OffsetPaginator:
     total: int | None = None
     done: bool = False
     confirm_empty: bool = False
-
-    @property
-    def has_next_page(self) -> bool:
-        return not self.done
-
-    def state(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def params(self) -> dict[str, int]:
         return {"offset": self.offset, "limit": self.limit}
@@ -70,7 +76,7 @@ class OffsetPaginator:
 
 
 @dataclass
-class CursorPaginator:
+class CursorPaginator(_Pager):
     """An opaque next-page cursor from the answer (Ioto's `next`, IXON's `moreAfter`): the range ends when the answer
     carries none. A cursor of another type is malformed (a page that cannot say what follows is no last page), or,
     with `json_objects`, a JSON object passed back as its text (Ioto types `next` as an object in one document)."""
@@ -78,13 +84,6 @@ class CursorPaginator:
     cursor: str | None = None
     done: bool = False
     json_objects: bool = False
-
-    @property
-    def has_next_page(self) -> bool:
-        return not self.done
-
-    def state(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def update_state(self, following: Any, where: str = "") -> None:
         if following is not None and not isinstance(following, str):
@@ -97,7 +96,7 @@ class CursorPaginator:
 
 
 @dataclass
-class ODataPaginator:
+class ODataPaginator(_Pager):
     """OData paging: `$top`/`$skip` windows in key order, each followed through the server's `@odata.nextLink`.
 
     A server page size below `$top` shows up as a next link inside the window. The listing ends with a window
@@ -110,13 +109,6 @@ class ODataPaginator:
     link: str | None = None  # the next link inside the current window
     got: int = 0  # items of the current window so far
     done: bool = False
-
-    @property
-    def has_next_page(self) -> bool:
-        return not self.done
-
-    def state(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def params(self) -> dict[str, str] | None:
         """The window's query when no next link is to be followed (then the link is the whole request)."""
@@ -137,7 +129,7 @@ class ODataPaginator:
 
 
 @dataclass
-class TimeKeyPaginator:
+class TimeKeyPaginator(_Pager):
     """Keyset paging by a time no two rows share (IXON DataList: one point per tag and time), `limit` rows per answer.
 
     Each request asks from `key` on, inclusive (the vendor's `start`): once the range `moved`, rows at or before
@@ -152,13 +144,6 @@ class TimeKeyPaginator:
     moved: bool = False
     done: bool = False
 
-    @property
-    def has_next_page(self) -> bool:
-        return not self.done
-
-    def state(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def update_state(self, count: int, newest: int | None) -> None:
         """Judge an answer of `count` rows whose newest readable key within the range is `newest`."""
         if count >= self.limit and newest is not None and newest > self.key:
@@ -170,7 +155,7 @@ class TimeKeyPaginator:
 # -- keyset paging under a silent row cap (DESIGN.md "A range ends only when the vendor says so") -----------------
 
 @dataclass
-class KeysetPaginator:
+class KeysetPaginator(_Pager):
     """Keyset paging over rows sorted by a key that several rows may share (a time), from a server that may end
     an answer early without a marker: a row cap below the limit asked for, a body cut exactly at a line boundary.
 
@@ -203,13 +188,6 @@ class KeysetPaginator:
 
     def __post_init__(self) -> None:
         self.base = self.base or self.limit
-
-    @property
-    def has_next_page(self) -> bool:
-        return not self.done
-
-    def state(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def short(self, keys: list[Any]) -> bool:
         """Whether this answer might be the end of the range (then `update_state` wants to know if it is `whole`)."""
