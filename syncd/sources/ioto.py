@@ -34,7 +34,7 @@ from syncd.sources.base import (
     valid_all,
 )
 from syncd.sources.paging import CursorPaginator, collect
-from syncd.sources.times import iso_or_epoch_ms
+from syncd.sources.times import iso_or_epoch_ms, ulid_ms
 from syncd.sources.track import CHANGED, CLOSED, NEW, AlertTracker, ChangeTracker
 
 PAGE_LIMIT = 1000  # always sent: the Builder docs default `limit` to 1 [D-gen]; no maximum documented [A]
@@ -48,7 +48,6 @@ DEVICE_DIMENSION = "Device"  # [A] the dimension that names a device's own serie
 # pass from the top found the list oldest first, the next pass starts at its last page (where new logs land) and
 # checks that the order still holds; it starts again from the top when it does not.
 # Alerts do not rely on order (see _fetch_alerts) but on `timestamp` staying put when `resolved` flips [A].
-CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 LOG_SETTLE_MS = 60_000  # [A] logs dated in the last minute before a pass may still be arriving: remembered by id
 AHEAD_KEEP = 1000  # ids dated after a pass that are remembered; more (a device far ahead) are sent again, ids dedup
 # Late logs [A: none documented]: every RECONCILE_EVERY_S a pass from the top also stores the logs dated up to
@@ -56,16 +55,6 @@ AHEAD_KEEP = 1000  # ids dated after a pass that are remembered; more (a device 
 # time always arrives. `late_window` and `reconcile_every` in the config override them.
 LATE_WINDOW_S = 3600.0
 RECONCILE_EVERY_S = 1800.0
-
-
-def ulid_ms(ulid: str) -> int | None:
-    """The millisecond time in the first 10 characters of a ULID, None when it is not one."""
-    if len(ulid) != 26:
-        return None
-    try:
-        return sum(CROCKFORD.index(c) << (5 * (9 - i)) for i, c in enumerate(ulid[:10].upper()))
-    except ValueError:
-        return None
 
 
 # an Ioto `date`: ISO 8601 [A], or an epoch number in seconds or ms (MS_THRESHOLD); epoch ms once read

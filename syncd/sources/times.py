@@ -165,6 +165,21 @@ def _clickhouse_ms(text: str) -> int:
     return _in_range(_half_even_ms(_second_ms(m.group(1)), m.group(2) or ""), text)
 
 
+# -- ULID --------------------------------------------------------------------------------------------------------
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def ulid_ms(ulid: str) -> int | None:
+    """The millisecond time in the first 10 characters of a ULID, None when it is not one."""
+    if len(ulid) != 26:
+        return None
+    try:
+        return sum(CROCKFORD.index(c) << (5 * (9 - i)) for i, c in enumerate(ulid[:10].upper()))
+    except ValueError:
+        return None
+
+
 # -- for pydantic models ----------------------------------------------------------------------------------------------
 
 EpochSecondsMs = Annotated[int, BeforeValidator(seconds_to_ms)]
