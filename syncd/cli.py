@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("check", help="validate a configuration; exit 2 listing every problem")
     p.add_argument("--config", "-c", required=True)
+    p.add_argument("--discover", action="store_true",
+                   help="also discover every source's streams (calls the vendors) to check the request budget")
 
     p = sub.add_parser("status", help="cursors and spool backlog from the state file")
     p.add_argument("--config", "-c")
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check":
-        return _check(args.config)
+        return _check(args.config, args.discover)
     if args.command == "run":
         settings = load(args.config)
         configure_logging(settings.syncd.log_format, settings.secrets())
@@ -99,7 +101,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 2
 
 
-def _check(path: str) -> int:
+def _check(path: str, discover: bool = False) -> int:
     try:
         settings = load(path)
     except ConfigError as err:
@@ -107,9 +109,18 @@ def _check(path: str) -> int:
             print(line)
         print(f"{len(err.problems)} problem(s) in {path}")
         return 2
-    from syncd.checks import network_warnings, warnings
+    import logging
 
-    for line in warnings(settings, path) + asyncio.run(network_warnings(settings)):
+    from syncd.checks import budget_warnings, discovered_streams, network_warnings, spooled_streams, warnings
+
+    configure_logging(settings.syncd.log_format, settings.secrets(), level=logging.WARNING)  # stderr, not the report
+    lines = warnings(settings, path) + asyncio.run(network_warnings(settings))
+    if discover:
+        counts, failed = asyncio.run(discovered_streams(settings))
+        lines += failed + budget_warnings(settings, counts, "discovered")
+    else:
+        lines += budget_warnings(settings, spooled_streams(settings), "with a cursor in the state file")
+    for line in lines:
         print(f"warning: {line}")
     print(f"{path}: OK ({len(settings.sources)} source(s), mqtt {'on' if settings.mqtt else 'off'})")
     return 0

@@ -33,26 +33,43 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 class TokenBucket:
-    """Token bucket with AIMD: halve the rate on 429, add back a step per success; `Retry-After` blocks all.
+    """Token bucket with AIMD in time: a 429 halves the rate, each second without one adds back a share of the
+    configured rate; `Retry-After` blocks all.
 
+    The increase comes with time, not with successes: at a few requests a second, a step per success climbs
+    back over the vendor's limit within seconds and keeps meeting 429s. One decrease per round trip: a 429 to
+    a request let through before the last decrease says nothing of the rate since.
     Clock and sleep are injected so tests can prove the limits without waiting.
     """
 
+    DECREASE = 0.5  # the rate is multiplied by this on a 429
+    RECOVERY = 0.01  # the share of the configured rate added back per second without a 429 (half to full: 50 s)
+    SLACK = 0.005  # seconds of refill a token may be taken early (see `acquire`)
+
     def __init__(
         self, rate: float, burst: int, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
-        min_rate: float | None = None,
+        min_rate: float | None = None, recovery: float = RECOVERY, slack: float = SLACK,
     ) -> None:
         self.max_rate = self.rate = float(rate)
         self.burst = max(1, int(burst))
         self.min_rate = min_rate if min_rate is not None else max(self.max_rate / 64, 0.05)
-        self.clock, self.sleep = clock, sleep
+        self.step = recovery * self.max_rate  # req/s gained per second since the last decrease
+        self.clock, self.sleep, self.slack = clock, sleep, slack
         self.tokens = float(self.burst)
         self.updated = clock()
+        self.floor = self.rate  # the rate at the last 429; it climbs from there
+        self.recover_from = self.updated  # when the climb from `floor` started
+        self.decreased = float("-inf")  # when the rate last decreased
         self.blocked_until = 0.0
         self._lock = asyncio.Lock()
 
-    async def acquire(self) -> None:
-        """Wait until one request may be sent."""
+    async def acquire(self) -> float:
+        """Wait until one request may be sent; returns when (pass it to `on_rate_limited` if that request gets a 429).
+
+        A token may be taken up to `slack` seconds of refill before it is whole, the debt paid from the next one:
+        a timer that fires late (epoll rounds up to whole milliseconds, a busy loop adds more) then costs no
+        throughput, which at burst 1 and 50 req/s is 5%. In any T seconds at most burst + rate·(T + slack) go out.
+        """
         async with self._lock:
             while True:
                 now = self.clock()
@@ -60,28 +77,36 @@ class TokenBucket:
                     await self.sleep(self.blocked_until - now)
                     continue
                 self._refill(now)
-                if self.tokens >= 1.0 - 1e-9:  # tolerance: float refill may land a hair under 1
-                    self.tokens = max(0.0, self.tokens - 1.0)
-                    return
-                await self.sleep(max((1.0 - self.tokens) / self.rate, 1e-6))
+                early = min(0.5, self.rate * self.slack) + 1e-9  # + float tolerance: a refill may land a hair under
+                if self.tokens >= 1.0 - early:
+                    self.tokens -= 1.0
+                    return now
+                await self.sleep(max((1.0 - early - self.tokens) / self.rate, 1e-6))
+
+    def rate_at(self, now: float) -> float:
+        """The allowed rate at `now`: the floor plus what the time since the climb started has added back."""
+        return min(self.max_rate, self.floor + self.step * max(0.0, now - self.recover_from))
 
     def _refill(self, now: float) -> None:
-        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
+        rate = self.rate_at(now)
+        # tokens earned since the last refill, at the mean of the rates at both ends (the rate climbs linearly)
+        earned = max(0.0, now - self.updated) * (self.rate + rate) / 2
+        self.tokens = min(float(self.burst), self.tokens + earned)
+        self.rate, self.updated = rate, now
 
-    def on_rate_limited(self, retry_after: float | None) -> None:
-        """Multiplicative decrease, empty the bucket, and respect the vendor's pause when it gave one."""
+    def on_rate_limited(self, retry_after: float | None, sent: float | None = None) -> None:
+        """Multiplicative decrease, unless the refused request went out before the last one (`sent`: what
+        `acquire` returned for it); respect the vendor's pause when it gave one."""
         now = self.clock()
         self._refill(now)
-        self.rate = max(self.min_rate, self.rate / 2)
-        self.tokens = 0.0
-        pause = retry_after if retry_after is not None else 1.0 / self.rate
-        self.blocked_until = max(self.blocked_until, now + pause)
-
-    def on_success(self) -> None:
-        """Additive increase back towards the configured rate."""
-        if self.rate < self.max_rate:
-            self.rate = min(self.max_rate, self.rate + self.max_rate / 20)
+        fresh = sent is None or sent > self.decreased
+        if fresh:
+            self.rate = max(self.min_rate, self.rate * self.DECREASE)
+            self.decreased, self.tokens = now, min(self.tokens, 0.0)
+        if fresh or retry_after is not None:
+            pause = retry_after if retry_after is not None else 1.0 / self.rate
+            self.blocked_until = max(self.blocked_until, now + pause)
+        self.floor, self.recover_from = self.rate, max(now, self.blocked_until)  # climb again once requests may go
 
 
 @dataclass(frozen=True)
@@ -200,7 +225,7 @@ class VendorClient:
                 await self.sleep(delay)
 
     async def _once(self, method: str, url: str, *, lines: bool = False, **kw: Any) -> Response:
-        await self.bucket.acquire()
+        sent = await self.bucket.acquire()
         body = b""
         got_lines: list[bytes] | None = None
         async with self.gate:
@@ -233,9 +258,8 @@ class VendorClient:
                     log.warning("http.retry_after_capped", source=self.name, retry_after=error.retry_after,
                                 capped_to=self.max_retry_after, url=_redact(final_url))
                     error.retry_after = self.max_retry_after
-                self.bucket.on_rate_limited(error.retry_after)
+                self.bucket.on_rate_limited(error.retry_after, sent)
             raise error
-        self.bucket.on_success()
         return Response(status, headers, body, final_url, lines=got_lines)
 
 

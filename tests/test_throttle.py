@@ -47,10 +47,9 @@ async def test_retry_after_pauses_every_request_for_n_seconds() -> None:
     bucket.on_rate_limited(retry_after=7)
     await bucket.acquire()
     assert t.now - hit >= 7
-    assert bucket.rate == 5  # multiplicative decrease
-    for _ in range(200):
-        bucket.on_success()
-    assert bucket.rate == 10  # additive recovery back to the configured rate
+    assert bucket.rate == 5  # multiplicative decrease, and no climb while the vendor's pause held
+    assert bucket.rate_at(hit + 7 + 25) == 7.5  # additive recovery in time: 1% of the configured rate a second
+    assert bucket.rate_at(hit + 7 + 50.01) == 10  # back to the configured rate, never above it
 
 
 async def test_client_against_simulator_429_storm_with_retry_after() -> None:
