@@ -168,22 +168,25 @@ def inner() -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="a git revision to measure side by side (before)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --base (medians)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.inner:
         print(json.dumps(inner()))
         return
     here = Path(__file__).resolve().parent.parent
-    after = _run(here)
     before = None
-    if args.base:
+    if not args.base:
+        after = _run(here)
+    else:  # alternate the two trees round by round, so a change of machine load hits both alike
         with tempfile.TemporaryDirectory() as tmp:
             tree = Path(tmp) / "base"
             subprocess.run(["git", "-C", str(here), "worktree", "add", "-q", "--detach", str(tree), args.base], check=True)
             try:
-                before = _run(tree)
+                rounds = [(_run(here), _run(tree)) for _ in range(args.rounds)]
             finally:
                 subprocess.run(["git", "-C", str(here), "worktree", "remove", "--force", str(tree)], check=True)
+        after, before = _medians([a for a, _ in rounds]), _medians([b for _, b in rounds])
     print(f"{'normalization (µs/row)':<22} {'rows':>7} {'before':>9} {'after':>9} {'after/before':>13}")
     for name in CASES:
         a, b = after[name], (before or {}).get(name, {})
@@ -195,6 +198,15 @@ def main() -> None:
         print(f"{name:<22} {a['rows']:7d} {bu} {a['us']:9.2f} {ratio}")
         if "error" in b:
             print(f"  before: {b['error']}")
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in CASES:
+        good = [r[name] for r in runs if "us" in r[name]]
+        out[name] = ({"us": statistics.median(g["us"] for g in good), "rows": good[0]["rows"]} if good
+                     else runs[0][name])
+    return out
 
 
 def _run(tree: Path) -> dict[str, Any]:
