@@ -17,7 +17,8 @@ gets SIGTERM. Measured:
 The machine may be shared: the load average and the simulator's own CPU are printed with the figures.
 
 Usage: python bench/bench_streams.py [--minutes 3] [--installations 5000] [--interval 60]
-       [--profile OUT]   py-spy record (raw, 20 s) of the daemon in its steady window, to OUT (perturbs the figures)
+       [--profile OUT]   py-spy record --gil (raw, 20 s: Python on CPU) of the daemon in its steady window, to OUT
+                         (perturbs the figures)
        [--keep DIR]      keep config, data dir, daemon log and probe file in DIR
 """
 
@@ -232,7 +233,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3.0, help="how long the daemon runs after discovery")
     parser.add_argument("--installations", type=int, default=5000)
     parser.add_argument("--interval", type=float, default=60.0)
-    parser.add_argument("--profile", default="", help="py-spy raw output file (20 s in the steady window)")
+    parser.add_argument("--profile", default="", help="py-spy raw output file (20 s, --gil, in the steady window)")
     parser.add_argument("--keep", default="")
     args = parser.parse_args()
 
@@ -267,7 +268,7 @@ def main() -> None:
             if not threads and time.time() >= first + STEADY_AFTER_S:
                 threads.append((time.time(), thread_cpu(daemon.pid)))
             if args.profile and profiler is None and time.time() >= profile_at:
-                profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-d", "20", "-p",
+                profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "-d", "20", "-p",
                                              str(daemon.pid), "-f", "raw", "-o", args.profile],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(max(0.0, 1.0 - (time.time() - samples[-1].at)))
