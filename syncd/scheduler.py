@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 import structlog
+from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd.errors import Terminal, Transient, VendorAuthError
@@ -73,6 +74,7 @@ class _Run:
     dead: int = 0
     started: float = 0.0  # time.monotonic() when the run began
     status_spooled: bool = False  # its sync_status row went into the last page's transaction
+    delay: float | None = None  # seconds between when the scheduler planned the run and when it began
 
 
 @dataclass
@@ -117,6 +119,10 @@ class Syncer:
         self.scheduler: AsyncIOScheduler | None = None
         self.push_tasks: dict[str, asyncio.Task[StreamState]] = {}  # long-running push streams by job id
         self.rediscover_every = 600.0
+        # each stream's cursor as last committed (encoded: a connector may change the object it was given), so a
+        # run starts without a trip to the spool thread; the spool is read once per stream after a start
+        self._cursors: dict[tuple[str, str], bytes] = {}
+        self._planned: dict[str, float] = {}  # job id -> when APScheduler planned the run it just submitted
         self._background: set[asyncio.Task[Any]] = set()
 
     def health(self, entry: tuple[str, str, str, str]) -> None:
@@ -223,9 +229,13 @@ class Syncer:
         structlog.contextvars.bind_contextvars(source=source_name, stream=stream_name, run_id=run_id)
         started = time.monotonic()
         run = _Run(started=started)
+        planned = self._planned.pop(f"{source_name}:{stream_name}", None)
+        run.delay = time.time() - planned if planned is not None else None
         error = ""
         try:
-            run.cursor = await self.spool.run(self.spool.get_cursor, source_name, stream_name)
+            known = self._cursors.get((source_name, stream_name))
+            run.cursor = (orjson.loads(known) if known is not None
+                          else await self.spool.run(self.spool.get_cursor, source_name, stream_name))
             if run.cursor is None and not stream.push:
                 await self._resume_point(st, stream)
             if stream.push:
@@ -363,6 +373,8 @@ class Syncer:
                                              time.monotonic() - run.started, time.time())]
             run.status_spooled = True
         await self.spool.run(self.spool.commit_page, source.name, stream.name, payload, page.cursor)
+        if page.cursor is not None:
+            self._cursors[(source.name, stream.name)] = orjson.dumps(page.cursor)
         self.wake()
         new_dead = len(payload["d"])  # the spool leaves out letters it already holds (a re-read page)
         run.cursor = page.cursor
@@ -396,7 +408,7 @@ class Syncer:
         else:
             cursor_text = await self._spool_status(state, source, stream, error, cursor, events, pages, duration)
         log.info("sync.finished", events=events, pages=pages, dead_letters=dead, duration_s=round(duration, 3),
-                 cursor=cursor_text[:200], ok=not error)
+                 delay_s=None if run.delay is None else round(run.delay, 3), cursor=cursor_text[:200], ok=not error)
 
     async def _spool_status(self, state: StreamState, source: Source, stream: Stream, error: str, cursor: Any,
                             events: int, pages: int, duration: float) -> str:
@@ -435,6 +447,7 @@ class Syncer:
         """
         self.rediscover_every = rediscover_every
         self.scheduler = AsyncIOScheduler(timezone="UTC")
+        self.scheduler.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
         for name, st in self.sources.items():
             tick = max(0.5, min(15.0, st.source.config.auth_recheck))
             self.scheduler.add_job(self.rediscover, "interval", args=[name], seconds=tick,
@@ -443,6 +456,11 @@ class Syncer:
                 self._add_stream_job(name, stream)
         self.scheduler.start()
         return self.scheduler
+
+    def _on_submitted(self, event: JobSubmissionEvent) -> None:
+        """Fired inside APScheduler right before a job's run starts: remember when that run was planned."""
+        if event.scheduled_run_times:
+            self._planned[event.job_id] = event.scheduled_run_times[-1].timestamp()
 
     def _add_stream_job(self, source_name: str, stream: Stream) -> None:
         assert self.scheduler is not None
@@ -458,7 +476,7 @@ class Syncer:
         first = datetime.fromtimestamp(phase_start(job_id, interval, time.time()), tz=UTC)
         self.scheduler.add_job(
             self.run_stream, "interval", args=[source_name, stream.name], seconds=interval, id=job_id,
-            jitter=max(0.0, min(interval * 0.02, 5.0)), max_instances=1, coalesce=True,
+            max_instances=1, coalesce=True,  # no jitter: APScheduler adds it to the last fire time, so phases drift
             start_date=first, next_run_time=first, misfire_grace_time=None,
         )
 
