@@ -1,4 +1,4 @@
-"""Command line: syncd run | demo | check | status | schema | query | sim."""
+"""Command line: syncd run | demo | check | status | backfill | schema | query | sim."""
 
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("status", help="cursors and spool backlog from the state file")
     p.add_argument("--config", "-c")
+
+    p = sub.add_parser("backfill", help="fill a past range of a source's history (live cursors untouched; resumable)")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--source", "-s", required=True, help="the [[sources]] name")
+    p.add_argument("--stream", default="*", help="stream name glob, or a kind: 'log/10', 'log' (default: every history stream)")
+    p.add_argument("--since", required=True, help="ISO date or date-time (UTC unless it says), or a duration back: 7d, 36h")
+    p.add_argument("--until", default=None, help="the same forms (default: now); the range is [since, until)")
+    p.add_argument("--live-share", type=float, default=0.5, metavar="FRACTION",
+                   help="share of the source's rate kept for live polling (default 0.5): the backfill takes the rest")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
 
     p = sub.add_parser("schema", help="print (or apply) the ClickHouse DDL")
     p.add_argument("--config", "-c")
@@ -87,6 +97,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from syncd.demo import demo
 
         return asyncio.run(demo(Path(args.data_dir), args.duration, mqtt_url=args.mqtt, seed=args.seed))
+    if args.command == "backfill":
+        import logging
+
+        settings = load(args.config)
+        configure_logging(settings.syncd.log_format, settings.secrets(), level=logging.WARNING)  # the bars tell progress
+        from syncd.backfill import run_backfill
+
+        return run_backfill(settings, args.source, args.stream, args.since, args.until,
+                            progress=not args.no_progress, live_share=args.live_share)
     if args.command == "schema":
         return _schema(load(args.config), args.apply)
     if args.command == "query":
