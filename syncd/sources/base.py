@@ -215,18 +215,19 @@ def valid(model: type[M], records: Iterable[Any], dead: list[DeadLetter],
 
 
 @functools.lru_cache(maxsize=64)
-def _list_of(model: type[BaseModel]) -> TypeAdapter[Any]:
-    return TypeAdapter(list[model])  # type: ignore[valid-type]
+def _adapter(model: Any, many: bool) -> TypeAdapter[Any]:
+    return TypeAdapter(list[model] if many else model)
 
 
-def valid_all(model: type[M], records: list[Any], dead: list[DeadLetter],
-              context: Callable[[Any], Any] | None = None) -> list[M]:
+def valid_all(model: Any, records: list[Any], dead: list[DeadLetter],
+              context: Callable[[Any], Any] | None = None) -> list[Any]:
     """`valid` for a whole page: one pydantic call for all records; only when that fails, record by record, so
-    every dead letter still names its record and field."""
+    every dead letter still names its record and field. `model` is a pydantic model or a TypedDict (no instance
+    per record: the fastest pydantic has for a hot page)."""
     try:
-        return _list_of(model).validate_python(records)  # type: ignore[no-any-return]
+        return _adapter(model, True).validate_python(records)  # type: ignore[no-any-return]
     except ValidationError:
-        return list(valid(model, records, dead, context))
+        return list(mapped(records, dead, _adapter(model, False).validate_python, context))
 
 
 def dead_letter(record: Any, err: Exception) -> DeadLetter:

@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import base64
 import math
-from typing import Annotated, Any
+from typing import (
+    Annotated,
+    Any,
+    NotRequired,  # pydantic reads TypedDicts from here before Python 3.12
+)
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from typing_extensions import TypedDict
 
 from syncd.errors import MalformedResponse, VendorAuthError
 from syncd.events import Event
 from syncd.settings import IotOpenSource as IotOpenConfig
 from syncd.sources.base import (
     DeadLetter,
+    FieldError,
     LateTally,
     Page,
     PageBuilder,
     Source,
     Stream,
+    dead_letter,
     first_in_past,
     late_settings,
     reconcile_due,
@@ -31,7 +38,7 @@ from syncd.sources.base import (
     valid_all,
 )
 from syncd.sources.paging import OffsetPaginator
-from syncd.sources.times import EpochSecondsMs
+from syncd.sources.times import seconds_to_ms
 from syncd.sources.track import ChangeTracker
 
 # Values need ~5 s to show up after publishing [S]; read the log only up to now minus this.
@@ -54,17 +61,29 @@ def _finite(value: Any) -> Any:
 Id = Annotated[int | float | None, AfterValidator(_finite)]  # ids are numbers; an Infinity (or "INFINITY") is a bad record
 
 
-class LynxValue(BaseModel):
-    """A Status / v3 log entry [S §2]; `timestamp` is read into epoch ms (a bad one fails naming the field)."""
-
-    model_config = ConfigDict(extra="ignore")
+class LynxValue(TypedDict):
+    """A Status / v3 log entry [S §2], as pydantic checks a whole page of them in one call (a TypedDict: no object
+    per entry); `timestamp` and `client_id` are then read by `_entry`, which names the field of a bad one."""
 
     installation_id: int
-    client_id: Id = None
-    timestamp: EpochSecondsMs  # Unix seconds with ms decimals on the wire
+    client_id: NotRequired[int | float | None]
+    timestamp: Any  # Unix seconds with ms decimals (`seconds_to_ms`)
     topic: str
-    value: float | None = None
-    msg: str | None = None
+    value: NotRequired[float | None]
+    msg: NotRequired[str | None]
+
+
+def _entry(item: LynxValue) -> tuple[int, int | float | None]:
+    """(epoch ms, client id) of a validated entry; FieldError for a timestamp outside what syncd stores, or an id
+    that is no finite number (`"INFINITY"` converts to one)."""
+    try:
+        ts_ms = seconds_to_ms(item["timestamp"])
+    except ValueError as err:
+        raise FieldError("timestamp", str(err)) from None
+    client = item.get("client_id")
+    if isinstance(client, float) and not math.isfinite(client):
+        raise FieldError("client_id", f"must be a finite number (got {client!r})")
+    return ts_ms, client
 
 
 class Installation(BaseModel):
@@ -181,9 +200,15 @@ class IotOpenSource(Source):
         tenant, tracker, b = stream.tenant, ChangeTracker(seen), PageBuilder(self)
         dead: list[DeadLetter] = []
         for item in valid_all(LynxValue, raw, dead):
-            if tracker.moved(item.topic, item.timestamp):
-                device, attrs = self._labelled(tenant, item)
-                b.add("status", tenant, device, item.topic, item.timestamp, item.value, item.msg or None, attrs)
+            try:
+                ts_ms, client = _entry(item)
+            except FieldError as err:
+                dead.append(dead_letter(item, err))
+                continue
+            topic = item["topic"]
+            if tracker.moved(topic, ts_ms):
+                device, attrs = self._labelled(tenant, topic, client)
+                b.add("status", tenant, device, topic, ts_ms, item.get("value"), item.get("msg") or None, attrs)
         return b.page(tracker.state(), True, dead, 0.0)
 
     async def _fetch_log(self, stream: Stream, cursor: dict[str, Any] | None) -> Page:
@@ -227,7 +252,12 @@ class IotOpenSource(Source):
         b = PageBuilder(self)
         add, labels = b.add, self._labels
         for item in valid_all(LynxValue, data, dead):
-            ts_ms, topic = item.timestamp, item.topic
+            try:
+                ts_ms, client = _entry(item)
+            except FieldError as err:
+                dead.append(dead_letter(item, err))
+                continue
+            topic = item["topic"]
             last_second = edge_lo <= ts_ms < edge_hi
             if last_second or ts_ms in edge_ts:
                 key = f"{spoolable_text(topic)}@{ts_ms}"
@@ -235,9 +265,9 @@ class IotOpenSource(Source):
                     next_edge.add(key)  # the next window re-reads this second
                 if key in edge:
                     continue  # read by the window before (the re-read boundary second)
-            found = labels.get((tenant, topic, item.client_id))
-            device, attrs = found if found is not None else self._labelled(tenant, item)
-            add("log", tenant, device, topic, ts_ms, item.value, item.msg or None, attrs)
+            found = labels.get((tenant, topic, client))
+            device, attrs = found if found is not None else self._labelled(tenant, topic, client)
+            add("log", tenant, device, topic, ts_ms, item.get("value"), item.get("msg") or None, attrs)
             if since_ms <= ts_ms < upto_ms:
                 tally.recount(ts_ms)  # a re-read row: stored before, or late
             else:
@@ -271,18 +301,20 @@ class IotOpenSource(Source):
     def _read(self, kind: str, tenant: str, raw: Any) -> tuple[LynxValue, Event]:
         """One raw entry as (entry, event), as a page maps it; raises on anything unreadable (the property tests'
         entry point: a page validates all its entries at once)."""
-        item = LynxValue.model_validate(raw)
-        device, attrs = self._labelled(tenant, item)
-        return item, self.event(kind, tenant, device, item.topic, item.timestamp, item.value, item.msg or None, attrs)
+        (item,) = valid_all(LynxValue, [raw], [])  # raises on anything unreadable, as a page would dead-letter it
+        ts_ms, client = _entry(item)
+        device, attrs = self._labelled(tenant, item["topic"], client)
+        return item, self.event(kind, tenant, device, item["topic"], ts_ms, item.get("value"), item.get("msg") or None,
+                                attrs)
 
-    def _labelled(self, tenant: str, item: LynxValue) -> tuple[str, dict[str, str]]:
-        key = (tenant, item.topic, item.client_id)
+    def _labelled(self, tenant: str, topic: str, client_id: int | float | None) -> tuple[str, dict[str, str]]:
+        key = (tenant, topic, client_id)
         found = self._labels.get(key)
         if found is None:
-            found = self._labels[key] = self._label(tenant, item)
+            found = self._labels[key] = self._label(tenant, topic, client_id)
         return found
 
-    def _label(self, tenant: str, item: LynxValue) -> tuple[str, dict[str, str]]:
+    def _label(self, tenant: str, topic: str, client_id: int | float | None) -> tuple[str, dict[str, str]]:
         """Device and attrs of a topic (cached: the same for every value of the topic until rediscovery).
 
         The device is the installation's MQTT client id: every value carries it and every topic starts with it
@@ -290,10 +322,10 @@ class IotOpenSource(Source):
         (or remapped), so the same values read again would land twice; the function's id, type, name, unit and
         DeviceX link go into attrs instead.
         """
-        fn = self.functions.get(tenant, {}).get(item.topic)
+        fn = self.functions.get(tenant, {}).get(topic)
         inst = self.installations.get(tenant)
         attrs: dict[str, str] = {}
-        client = item.client_id if item.client_id is not None else inst.client_id if inst is not None else None
+        client = client_id if client_id is not None else inst.client_id if inst is not None else None
         if client is not None:
             attrs["client_id"] = str(int(client))
         if inst is not None and inst.organization_id is not None:
