@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--discover", action="store_true",
                    help="also discover every source's streams (calls the vendors) to check the request budget")
 
-    p = sub.add_parser("status", help="cursors and spool backlog from the state file")
+    p = sub.add_parser("status", help="streams, sinks and sources as tables: the state file, and the daemon's /metrics when it answers")
     p.add_argument("--config", "-c")
 
     p = sub.add_parser("backfill", help="fill a past range of a source's history (live cursors untouched; resumable)")
@@ -111,7 +111,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "query":
         return _query(load(args.config), args.sql)
     if args.command == "status":
-        return _status(load(args.config))
+        from syncd.status import render_status
+
+        return render_status(load(args.config))
     if args.command == "sim":
         configure_logging("console" if sys.stderr.isatty() else "json")
         from syncd.sim.server import serve
@@ -195,32 +197,3 @@ def _tsv(value: object) -> str:
     if value is None:
         return "\\N"
     return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
-
-
-def _status(settings: Settings) -> int:
-    from syncd.spool import Spool
-
-    spool = Spool(settings.syncd.data_dir / "state.db")
-    try:
-        for (source, stream), cursor in sorted(spool.cursors().items()):
-            print(f"{source}\t{stream}\t{cursor}")
-        for (source, stream), count in sorted(spool.dead_counts().items()):
-            print(f"dead letters {source}\t{stream}: {count}")
-        print(f"spool: {spool.pending_bytes} bytes undelivered")
-        health = {(scope, name): (state, detail) for scope, name, state, detail, _ in spool.health()}
-        for sink in spool.sink_names():
-            rows, age = spool.backlog(sink)
-            state, detail = health.get(("sink", sink), ("ok", ""))
-            print(f"sink {sink}: {rows} events waiting" + (f", oldest spooled {age:.0f}s ago" if age is not None else ""))
-            if state != "ok":
-                print(f"sink {sink} {state}: {detail}")
-        for (scope, name), (state, detail) in sorted(health.items()):
-            if scope == "source":
-                print(f"source {name}: {state}" + (f" ({detail})" if detail else ""))
-    finally:
-        spool.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

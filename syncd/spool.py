@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS health (
 CREATE TABLE IF NOT EXISTS dead_seen (
     source TEXT NOT NULL, stream TEXT NOT NULL, hash INTEGER NOT NULL, PRIMARY KEY (source, stream, hash))
     WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stream_status (
+    source TEXT NOT NULL, stream TEXT NOT NULL, status TEXT NOT NULL, PRIMARY KEY (source, stream));
 CREATE TABLE IF NOT EXISTS sinks (
     name TEXT PRIMARY KEY, delivered INTEGER NOT NULL, inflight_first INTEGER, inflight_last INTEGER,
     dropped_rows INTEGER NOT NULL DEFAULT 0);
@@ -137,6 +139,9 @@ class Spool:
                 )
                 page_id = cur.lastrowid
                 self.pending_bytes += size
+            if payload.get("s"):  # the stream's last run, kept after the page is delivered: `syncd status` reads it
+                self._db.execute("INSERT INTO stream_status VALUES (?,?,?) ON CONFLICT(source, stream) DO UPDATE "
+                                 "SET status=excluded.status", (source, stream, orjson.dumps(payload["s"][-1]).decode()))
             if cursor is not None:
                 self._db.execute(
                     "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(source, stream) DO UPDATE "
