@@ -28,9 +28,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check syncd tests bench
 	$(BIN)/mypy syncd
 
-bench: $(STAMP) mosquitto
+bench: $(STAMP) mosquitto  ## every figure beside its target, about 12 minutes
 	$(BIN)/python bench/bench_iotopen.py
+	$(BIN)/python bench/bench_budget.py
+	$(BIN)/python bench/bench_streams.py --minutes 3
 	$(BIN)/python bench/bench_mqtt.py
+	$(BIN)/python bench/bench_startup.py
+	$(BIN)/python bench/bench_normalize.py --base 0782be0
 
 soak: $(STAMP) mosquitto  ## 10 minutes of chaos (SIGKILLs, outages, faults) then an exact check; SOAK_ARGS="--duration 90"
 	$(BIN)/python bench/soak.py $${SOAK_ARGS:-}
