@@ -68,7 +68,8 @@ class TokenBucket:
 
         A token may be taken up to `slack` seconds of refill before it is whole, the debt paid from the next one:
         a timer that fires late (epoll rounds up to whole milliseconds, a busy loop adds more) then costs no
-        throughput, which at burst 1 and 50 req/s is 5%. In any T seconds at most burst + rate·(T + slack) go out.
+        throughput, which at burst 1 and 50 req/s is 5%. In any T seconds at most burst + rate·T + min(½, rate·slack)
+        go out: 1 + 49 + 0.245, so still 50 a second at rate 49, burst 1.
         """
         async with self._lock:
             while True:
