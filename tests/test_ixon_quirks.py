@@ -175,10 +175,11 @@ async def test_429_without_retry_after_slows_down_and_recovers() -> None:
         assert_complete(events, sim)
         rate = src.client.bucket.rate
     assert len(sim.requests) == len(calm.requests) + 4  # each 429 retried, nothing else repeated
-    # no Retry-After: the throttle halves its rate per 429 (40 → 20 → 10 → 5 → 2.5/s) and waits one slot of it
+    # no Retry-After: the throttle halves its rate per 429 (49 → 24.5 → 12.25 → 6.1 → 3.1/s) and waits one slot of it
     gaps = [b.at - a.at for a, b in zip(sim.requests[:4], sim.requests[1:5], strict=True)]
-    assert [g >= pause * 0.9 for g, pause in zip(gaps, (1 / 20, 1 / 10, 1 / 5, 1 / 2.5), strict=True)] == [True] * 4
-    assert 2.5 < rate < IxonSource.default_rate  # and adds back a step per success since
+    pauses = [2**n / IxonSource.default_rate for n in (1, 2, 3, 4)]
+    assert [g >= pause * 0.9 for g, pause in zip(gaps, pauses, strict=True)] == [True] * 4
+    assert IxonSource.default_rate / 16 < rate < IxonSource.default_rate  # and climbs back with time since
 
 
 async def test_default_throttle_never_exceeds_50_per_second_or_3000_per_minute() -> None:

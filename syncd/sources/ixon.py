@@ -131,9 +131,10 @@ class IxonSource(Source):
     vendor = "ixon"
     default_streams = ("telemetry", "alert")
     # One bucket must honour 50 req/s AND 3000 req/min [S]. A bucket lets through at most burst + rate·T in any
-    # T seconds: 5 + 40 = 45 per second and 5 + 40·60 = 2405 per minute, headroom for network jitter on both.
-    default_rate = 40.0
-    default_burst = 5
+    # T seconds, plus under half a token taken early (TokenBucket.acquire): 1 + 49 = 50 per second and
+    # 1 + 49·60 = 2941 per minute. A burst of 1 costs nothing: a late timer is absorbed by the early token.
+    default_rate = 49.0
+    default_burst = 1
     map_error = staticmethod(ixon_error)
 
     config: IxonConfig
