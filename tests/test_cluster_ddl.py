@@ -38,7 +38,7 @@ SHARDING = {
     "events": "cityHash64(vendor, tenant, device)",  # the sort key holds these, so duplicates meet
     "latest": "cityHash64(vendor, tenant, device)",  # as events: the view writes a series' latest where its events are
     "sync_status": "cityHash64(source)",  # one row per (source, stream)
-    "dead_letter": "rand()",  # see the report of issue 11: should be cityHash64(source, stream)
+    "dead_letter": "cityHash64(source, stream)",  # one row per distinct letter, whichever run re-read it
 }
 DDL = re.compile(r"^(CREATE|ALTER|DROP|EXCHANGE)\b")
 
@@ -60,8 +60,12 @@ def test_every_ddl_statement_runs_on_the_cluster() -> None:
         head = s.split(ON, 1)[0]
         assert re.fullmatch(r"(CREATE (DATABASE|TABLE|MATERIALIZED VIEW) IF NOT EXISTS|DROP (TABLE|VIEW) IF EXISTS"
                             r"|ALTER TABLE|EXCHANGE TABLES `syncd`\.`\w+` AND) `syncd`(\.`\w+`)?", head), s[:120]
-    # the rest are the copies of a rekey; an INSERT has no ON CLUSTER (see the report: they copy one shard)
-    assert {s.split(" ", 1)[0] for s in statements if not DDL.match(s)} == {"INSERT"}
+    # the rest are the copies of a rekey: an INSERT runs on one node, so each goes front to front (every shard)
+    copies = [s for s in statements if not DDL.match(s)]
+    front_to_front = re.compile(r"INSERT INTO `syncd`\.`(events|latest)_rekeyed` SETTINGS insert_distributed_sync = 1 "
+                                r"SELECT \* FROM `syncd`\.`\1`|INSERT INTO `syncd`\.`dead_letter_v5` \(.*\) SETTINGS "
+                                r"insert_distributed_sync = 1 SELECT .* FROM `syncd`\.`dead_letter`")
+    assert len(copies) == 3 and all(front_to_front.fullmatch(s) for s in copies), copies
     # nothing is left single-node: no plain MergeTree, no dedup window (replicated tables deduplicate anyway)
     text = "\n".join(statements)
     assert "non_replicated_deduplication_window" not in text and "concurrent_part_removal_threshold" not in text
@@ -81,8 +85,8 @@ def test_merge_trees_are_replicated_locals_behind_distributed_fronts() -> None:
             assert name is not None, s[:100]
             if " ENGINE = Distributed(" in s:
                 front = name.group(1)
-                assert f" AS `syncd`.`{front}_local` ENGINE = Distributed(`{CLUSTER}`, syncd, `{front}_local`, " \
-                       f"{SHARDING[front]})" in s, s
+                key = SHARDING[re.sub(r"_rekeyed$|_v5$", "", front)]  # a copy's front shards as its table does
+                assert f" AS `syncd`.`{front}_local` ENGINE = Distributed(`{CLUSTER}`, syncd, `{front}_local`, {key})" in s, s
             else:
                 assert name.group(1).endswith("_local"), s[:100]
                 engine = re.search(r"ENGINE = (Replicated\w*MergeTree)\((.*)\)\n", s)

@@ -72,6 +72,7 @@ DATA_CODES = frozenset({
 CLIENT_DATA_ERRORS = (DataError, TypeError, ValueError, OverflowError, struct.error)
 # toYYYYMM partitions one insert may touch (the server refuses more than max_partitions_per_insert_block, 100).
 PARTITIONS_PER_INSERT = 90
+FRESH_WAIT_S = 30.0  # syncd tables without recorded versions: how long to wait for the replica creating them
 
 
 class StoreLocked(RuntimeError):
@@ -181,9 +182,20 @@ class ClickHouseSink(Sink):
         first, *rest = migrations(self.database, self.cluster, self.ttl)
         client.command(str(first.statements[0]))  # the database must exist before the migrations table
         client.command(migrations_table(self.database, self.cluster))
-        done = {r[0] for r in client.query(f"SELECT version FROM `{self.database}`.schema_migrations").result_rows}
-        if not done and not client.query(f"SELECT count() FROM system.tables WHERE database = '{self.database}' "
-                                         "AND name NOT LIKE '.inner%' AND name != 'schema_migrations'").result_rows[0][0]:
+        done = self._versions_done()
+        tables = client.query(f"SELECT count() FROM system.tables WHERE database = '{self.database}' "
+                              "AND name NOT LIKE '.inner%' AND name != 'schema_migrations'").result_rows[0][0]
+        if not done and tables:
+            # Replicas started together (a StatefulSet) race for an empty store: the first builds the fresh layout
+            # and records every version at its end. One that finds those tables before the versions waits for them
+            # instead of running the stepwise migrations (DROP VIEW latest_mv, rekeys) under the others' inserts.
+            deadline = time.monotonic() + FRESH_WAIT_S
+            while not done and time.monotonic() < deadline:
+                time.sleep(0.5)
+                done = self._versions_done()
+            if not done:
+                log.warning("clickhouse.tables_without_versions", database=self.database, next="stepwise migrations")
+        if not done and not tables:
             # a store without syncd tables: build the final layout at once (no copies, no rekeys), record every version
             for stmt in fresh_schema(self.database, self.cluster, self.ttl):
                 client.command(stmt)
@@ -209,6 +221,9 @@ class ClickHouseSink(Sink):
             applied.append(m.version)
             log.info("clickhouse.migrated", version=m.version, name=m.name)
         return applied
+
+    def _versions_done(self) -> set[int]:
+        return {r[0] for r in self.client.query(f"SELECT version FROM `{self.database}`.schema_migrations").result_rows}
 
     async def write(self, batch: Batch) -> None:
         await self._call(self._write, batch)

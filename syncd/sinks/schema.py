@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 EVENTS_ORDER = "source, vendor, tenant, device, metric, kind, ts"
 LATEST_ORDER = "source, vendor, tenant, device, metric, kind"
+# Sharding keys of the Distributed fronts (cluster mode): a ReplacingMergeTree only merges rows within one shard,
+# so every row it may replace must land on the shard of its twin: the key is made of sort key columns.
+SERIES_KEY = "cityHash64(vendor, tenant, device)"  # events and latest: a series' latest row beside its events
+DEAD_KEY = "cityHash64(source, stream)"  # dead_letter: one row per distinct letter, whichever run re-read it
 Step = str | tuple[str, str]  # a statement, or (statement, query answering non-zero when it is already done)
 
 
@@ -40,6 +44,16 @@ def migrations(database: str, cluster: str = "", ttl: str = "", fresh: bool = Fa
 
     def table(name: str) -> str:
         return f"{db}.`{name}_local`" if cluster else f"{db}.`{name}`"
+
+    def front(name: str) -> str:
+        """What reads or writes the whole table: its Distributed front on a cluster, the table itself on one node."""
+        return f"{db}.`{name}`"
+
+    def copy(into: str, select: str, columns: str = "") -> str:
+        """INSERT ... SELECT of a whole table. An INSERT runs on one node only, so on a cluster the copy goes from
+        Distributed front to Distributed front (each row to its shard), waiting until every shard has it."""
+        settings = " SETTINGS insert_distributed_sync = 1" if cluster else ""
+        return f"INSERT INTO {front(into)}{columns}{settings} {select}"
 
     def distributed(name: str, key: str) -> tuple[str, ...]:
         if not cluster:
@@ -91,28 +105,31 @@ ORDER BY ({order})"""
     latest_view = (f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.`latest_mv`{on} TO {table('latest')} AS\n"
                    f"SELECT vendor, tenant, device, metric, kind, source, ts, value, text, attrs FROM {table('events')}")
 
-    def rekey(name: str, ddl: Callable[[str, str], str], order: str) -> tuple[Step, ...]:
+    def rekey(name: str, ddl: Callable[[str, str], str], order: str, key: str) -> tuple[Step, ...]:
         """Move a table to a new sort key: copy into a new table, swap the names, drop the old one.
         Each step knows when it is already done, so a crash part-way is finished by the next start."""
         local = f"{name}_local" if cluster else name
         moved = (f"SELECT count() FROM system.tables WHERE database = '{database}' AND name = '{local}' "
                  f"AND sorting_key = '{order}'")
+        new = f"{name}_rekeyed"
         return (
-            (ddl(f"{name}_rekeyed", order), moved),
-            (f"INSERT INTO {table(name + '_rekeyed')} SELECT * FROM {table(name)}", moved),
-            (f"EXCHANGE TABLES {table(name)} AND {table(name + '_rekeyed')}{on}", moved),
-            f"DROP TABLE IF EXISTS {table(name + '_rekeyed')}{on}",
+            (ddl(new, order), moved),
+            *((stmt, moved) for stmt in distributed(new, key)),
+            (copy(new, f"SELECT * FROM {front(name)}"), moved),
+            (f"EXCHANGE TABLES {table(name)} AND {table(new)}{on}", moved),
+            *((f"DROP TABLE IF EXISTS {front(new)}{on}",) if cluster else ()),
+            f"DROP TABLE IF EXISTS {table(new)}{on}",
         )
 
     return [
         Migration(1, "events", (
             f"CREATE DATABASE IF NOT EXISTS {db}{on}",
             events_table("events", EVENTS_ORDER if fresh else "vendor, tenant, device, metric, kind, ts"),
-            *distributed("events", "cityHash64(vendor, tenant, device)"),
+            *distributed("events", SERIES_KEY),
         )),
         Migration(2, "latest", (
             latest_table("latest", LATEST_ORDER if fresh else "vendor, tenant, device, metric, kind"),
-            *distributed("latest", "cityHash64(vendor, tenant, device)"),
+            *distributed("latest", SERIES_KEY),
             # Fed by every insert into events, so "current state" needs no second write path.
             latest_view,
         )),
@@ -128,7 +145,7 @@ ORDER BY ({order})"""
 PARTITION BY toYYYYMM(at)
 ORDER BY (source, stream, at)
 SETTINGS index_granularity = 8192{dedup}""",
-            *distributed("dead_letter", "rand()"),
+            *distributed("dead_letter", DEAD_KEY),
         )),
         Migration(4, "sync_status", (
             f"""CREATE TABLE IF NOT EXISTS {table('sync_status')}{on} (
@@ -164,12 +181,14 @@ SETTINGS index_granularity = 8192{dedup}""",
 ) ENGINE = {engine('ReplacingMergeTree')}
 ORDER BY (source, stream, sink, reason, cityHash64(payload))
 SETTINGS index_granularity = 8192{dedup}""",
-            *(distributed("dead_letter", "rand()") if fresh else (
-                f"INSERT INTO {table('dead_letter_v5')} (at, source, vendor, stream, sink, reason, payload) "
-                f"SELECT at, source, vendor, stream, '', reason, payload FROM {table('dead_letter')}",
+            *(distributed("dead_letter", DEAD_KEY) if fresh else (
+                *distributed("dead_letter_v5", DEAD_KEY),
+                copy("dead_letter_v5", f"SELECT at, source, vendor, stream, '', reason, payload FROM {front('dead_letter')}",
+                     " (at, source, vendor, stream, sink, reason, payload)"),
                 f"EXCHANGE TABLES {table('dead_letter')} AND {table('dead_letter_v5')}{on}",
+                *((f"DROP TABLE IF EXISTS {front('dead_letter_v5')}{on}",) if cluster else ()),
                 f"DROP TABLE IF EXISTS {table('dead_letter_v5')}{on}",
-                *((f"DROP TABLE IF EXISTS {db}.`dead_letter`{on}", *distributed("dead_letter", "rand()"))
+                *((f"DROP TABLE IF EXISTS {db}.`dead_letter`{on}", *distributed("dead_letter", DEAD_KEY))
                   if cluster else ()))),
         ), done_if=f"SELECT count() FROM system.columns WHERE database = '{database}' "
                    f"AND table = '{'dead_letter_local' if cluster else 'dead_letter'}' AND name = 'sink'"),
@@ -177,8 +196,8 @@ SETTINGS index_granularity = 8192{dedup}""",
         # other's rows. Existing rows are copied once into tables with the new key.
         Migration(6, "source_in_sort_keys", () if fresh else (
             f"DROP VIEW IF EXISTS {db}.`latest_mv`{on}",
-            *rekey("events", events_table, EVENTS_ORDER),
-            *rekey("latest", latest_table, LATEST_ORDER),
+            *rekey("events", events_table, EVENTS_ORDER, SERIES_KEY),
+            *rekey("latest", latest_table, LATEST_ORDER, SERIES_KEY),
             latest_view,
         )),
         # Removing more than 100 outdated parts at once starts a pool of up to 127 threads that is then kept
