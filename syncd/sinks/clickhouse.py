@@ -256,8 +256,11 @@ class ClickHouseSink(Sink):
     def _insert(self, table: str, data: list[Any], columns: list[str], token: str, column_oriented: bool = False) -> None:
         """One insert; its failure becomes RowsRefused, SchemaMismatch, or stays what it was (transient)."""
         try:
+            settings: dict[str, Any] = {"insert_deduplication_token": token}
+            if self.cluster:  # a batch is delivered only once the Distributed table has passed it on to the shards
+                settings["insert_distributed_sync"] = 1
             self.client.insert(f"`{self.database}`.{table}", data, column_names=columns, column_oriented=column_oriented,
-                               settings={"insert_deduplication_token": token})
+                               settings=settings)
         except DatabaseError as err:
             code = getattr(err, "code", None)
             if code in SCHEMA_CODES or (isinstance(err, ProgrammingError) and code is None) or code in DATA_CODES \
