@@ -49,6 +49,7 @@ class Daemon:
         self.drain_tasks: list[asyncio.Task[None]] = []
         self.http_runner: Any = None
         self._full_logged = False
+        self.metrics.on_scrape(self._scrape_metrics)
 
     # -- start / stop -------------------------------------------------------------------------------
 
@@ -136,6 +137,18 @@ class Daemon:
         for d in self.drainers:
             d.wake.set()
         self.metrics.set("syncd_spool_bytes", self.spool.pending_bytes)
+
+    async def _scrape_metrics(self) -> None:
+        """What /metrics reads when scraped: each source's throttle and each sink's backlog in the spool."""
+        for name, st in self.syncer.sources.items():
+            client = st.source.client
+            self.metrics.count_to("syncd_http_requests_total", client.requests, source=name)
+            self.metrics.set("syncd_throttle_rate", client.bucket.rate_at(client.bucket.clock()), source=name)
+            self.metrics.set("syncd_throttle_max_rate", client.bucket.max_rate, source=name)
+        for d in self.drainers:
+            rows, age = await self.spool.run(self.spool.backlog, d.sink.name)
+            self.metrics.set("syncd_spool_backlog_rows", rows, sink=d.sink.name)
+            self.metrics.set("syncd_spool_backlog_age_seconds", age or 0.0, sink=d.sink.name)
 
     async def _room(self) -> None:
         """Back-pressure: wait (block) or drop the laggard's oldest page (drop_oldest) while the spool is full."""

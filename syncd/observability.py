@@ -1,55 +1,182 @@
-"""Metrics (Prometheus text), /healthz and /readyz, and logging set-up."""
+"""Metrics (Prometheus, through prometheus-client), /healthz and /readyz, and logging set-up."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections import defaultdict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
-Labels = tuple[tuple[str, str], ...]
+log = structlog.get_logger("syncd.observability")
+
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes; every Prometheus reads it
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family: its type, its HELP text and the label names every series of it carries."""
+
+    type: Literal["counter", "gauge", "histogram"]
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+
+# Fetches include throttle waits, retries and Retry-After pauses, hence the long tail.
+FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+WRITE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# Every series syncd exports. Labels stay bounded: a `stream` label only on per-stream counters and gauges (one
+# series per stream, 10,000 streams fit), never on a histogram (13 buckets per stream would not).
+FAMILIES: dict[str, Family] = {
+    # pollers
+    "syncd_events_total": Family("counter", "Events fetched, normalized and committed to the spool.", ("kind", "source")),
+    "syncd_pages_total": Family("counter", "Pages fetched and committed to the spool, each with its cursor.", ("source",)),
+    "syncd_page_fetch_seconds": Family(
+        "histogram", "Seconds to fetch one page from the vendor, throttle waits, retries and re-logins included.",
+        ("kind", "source"), FETCH_BUCKETS),
+    "syncd_late_rows_total": Family(
+        "counter", "Rows a re-read of the late window found that earlier reads had missed.", ("source", "stream")),
+    "syncd_dead_letters_total": Family(
+        "counter", "Records stored in the dead_letter table instead of events (not normalizable, or refused by a sink).",
+        ("source", "stream")),
+    "syncd_stream_errors_total": Family(
+        "counter", "Stream runs that failed, by error class; the cursor stays where it was.", ("error", "source", "stream")),
+    "syncd_stream_lag_seconds": Family(
+        "gauge", "How far behind now the stream was when its last run ended.", ("source", "stream")),
+    "syncd_stream_cursor_timestamp_seconds": Family(
+        "gauge", "Unix time the stream's stored data reaches: when its last page was stored, minus that page's lag.",
+        ("source", "stream")),
+    "syncd_discovery_errors_total": Family(
+        "counter", "Stream discoveries of a source that failed, by error class.", ("error", "source")),
+    "syncd_source_auth_failed": Family(
+        "gauge", "1 while the source's credential is refused (re-checked with backoff), else 0.", ("source",)),
+    "syncd_http_requests_total": Family(
+        "counter", "HTTP requests sent to the source's vendor, retries and logins included (read at scrape time).",
+        ("source",)),
+    "syncd_throttle_rate": Family(
+        "gauge", "Requests per second the source's throttle allows now (halved on a 429, then climbing back with time).",
+        ("source",)),
+    "syncd_throttle_max_rate": Family(
+        "gauge", "Requests per second configured for the source (its rate setting or the vendor's default).", ("source",)),
+    # spool
+    "syncd_spool_bytes": Family("gauge", "Bytes of spooled pages that some sink has not delivered yet."),
+    "syncd_spool_backlog_rows": Family(
+        "gauge", "Events in the spool the sink has not delivered yet (read at scrape time).", ("sink",)),
+    "syncd_spool_backlog_age_seconds": Family(
+        "gauge", "Age of the oldest spooled page the sink has not delivered yet, 0 when none waits (read at scrape "
+        "time).", ("sink",)),
+    "syncd_spool_dropped_rows_total": Family(
+        "counter", "Events given up for a failing sink because the spool was full (spool.on_full = drop_oldest).",
+        ("sink",)),
+    "syncd_pollers_paused": Family("gauge", "1 while the pollers wait because the spool is full (spool.on_full = block)."),
+    # sinks
+    "syncd_sink_rows_total": Family("counter", "Events written to the sink.", ("sink",)),
+    "syncd_sink_batches_total": Family("counter", "Batches written to the sink.", ("sink",)),
+    "syncd_sink_write_seconds": Family(
+        "histogram", "Seconds to write one batch to the sink and record it delivered in the spool.", ("sink",),
+        WRITE_BUCKETS),
+    "syncd_sink_last_write_seconds": Family("gauge", "Seconds the sink's last successful batch write took.", ("sink",)),
+    "syncd_sink_skipped_rows_total": Family(
+        "counter", "Events the sink left out on purpose (reason max_age: too old for MQTT).", ("reason", "sink")),
+    "syncd_sink_refused_rows_total": Family(
+        "counter", "Events the sink refused; each was found by splitting its batch and became a dead letter.", ("sink",)),
+    "syncd_sink_errors_total": Family("counter", "Failed batch writes by error class; the batch is retried.", ("error", "sink")),
+    "syncd_sink_up": Family("gauge", "1 while the sink's last write succeeded, 0 while it fails.", ("sink",)),
+    "syncd_sink_stopped": Family("gauge", "1 while the sink is stopped on a schema mismatch, else 0.", ("sink",)),
+}
 
 
 class Metrics:
-    """A tiny registry: counters and gauges keyed by name and labels, rendered in the text format."""
+    """The daemon's series (`FAMILIES`) in a registry of its own: several daemons may share a process (tests).
+
+    A name missing from `FAMILIES`, or labels other than its label names, raise: a typo fails loudly.
+    """
 
     def __init__(self) -> None:
-        self.counters: dict[str, dict[Labels, float]] = defaultdict(dict)
-        self.gauges: dict[str, dict[Labels, float]] = defaultdict(dict)
-        self.help: dict[str, str] = {}
+        self._families: dict[str, Any] = {name: _metric(name, f) for name, f in FAMILIES.items()}
+        self._on_scrape: list[Callable[[], Awaitable[None]]] = []
+        self.registry = CollectorRegistry()
+        self.registry.register(_Collector(self._families))
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        series = self.counters[name]
-        series[key] = series.get(key, 0) + amount
+        self._series(name, labels).inc(amount)
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        self.gauges[name][tuple(sorted(labels.items()))] = value
+        self._series(name, labels).set(value)
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        """One observation of a histogram family."""
+        self._series(name, labels).observe(seconds)
+
+    def count_to(self, name: str, total: float, **labels: str) -> None:
+        """Bring a counter up to a running total kept elsewhere (a client's request count)."""
+        self._series(name, labels).inc(max(0.0, total - self.get(name, **labels)))
 
     def get(self, name: str, **labels: str) -> float:
-        key = tuple(sorted(labels.items()))
-        return self.counters.get(name, {}).get(key, self.gauges.get(name, {}).get(key, 0.0))
+        """A counter's or gauge's value for exactly these labels; 0 for a series not seen yet."""
+        return next((s.value for s in self._samples(name) if s.name == name and s.labels == labels), 0.0)
 
     def total(self, name: str) -> float:
-        return sum(self.counters.get(name, {}).values())
+        """The sum of a counter over all its series."""
+        return sum((s.value for s in self._samples(name) if s.name == name), 0.0)
+
+    def on_scrape(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """Have `refresh` set what is only worth reading when someone asks (backlogs, throttles) before each scrape."""
+        self._on_scrape.append(refresh)
+
+    async def refresh(self) -> None:
+        for refresh in self._on_scrape:
+            try:
+                await refresh()
+            except Exception as err:  # noqa: BLE001 - a scrape shows what it has rather than failing (shutdown, spool busy)
+                log.warning("metrics.refresh_failed", error=f"{err.__class__.__name__}: {err}")
 
     def render(self) -> str:
-        lines = []
-        for kind, table in (("counter", self.counters), ("gauge", self.gauges)):
-            for name, series in sorted(table.items()):
-                lines.append(f"# TYPE {name} {kind}")
-                for labels, value in sorted(series.items()):
-                    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                    lines.append(f"{name}{{{inner}}} {value:g}" if inner else f"{name} {value:g}")
-        return "\n".join(lines) + "\n"
+        """The Prometheus text format (0.0.4): HELP and TYPE for every family, then its series."""
+        return generate_latest(self.registry).decode()
+
+    def _series(self, name: str, labels: dict[str, str]) -> Any:
+        try:
+            metric = self._families[name]
+        except KeyError:
+            raise KeyError(f"metric {name!r} is not declared in syncd.observability.FAMILIES") from None
+        return metric.labels(**labels) if labels else metric
+
+    def _samples(self, name: str) -> Iterator[Any]:
+        if name not in self._families:
+            raise KeyError(f"metric {name!r} is not declared in syncd.observability.FAMILIES")
+        for family in self._families[name].collect():
+            yield from family.samples
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _metric(name: str, family: Family) -> Any:
+    """The prometheus-client object of a family, in no registry (a `Metrics` instance collects its own)."""
+    if family.type == "counter":
+        return Counter(name, family.help, family.labels, registry=None)
+    if family.type == "gauge":
+        return Gauge(name, family.help, family.labels, registry=None)
+    return Histogram(name, family.help, family.labels, registry=None, buckets=family.buckets)
+
+
+class _Collector:
+    """Collects the families without their `_created` series: in the classic text format each would become a
+    gauge family of its own, doubling every counter and histogram for a value nobody graphs."""
+
+    def __init__(self, families: dict[str, Any]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.families.values():
+            for family in metric.collect():
+                family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+                yield family
 
 
 async def serve_http(address: str, metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> web.AppRunner | None:
@@ -59,7 +186,8 @@ async def serve_http(address: str, metrics: Metrics, ready: Callable[[], tuple[b
     host, _, port = address.rpartition(":")
 
     async def h_metrics(_: web.Request) -> web.Response:
-        return web.Response(text=metrics.render(), content_type="text/plain")
+        await metrics.refresh()
+        return web.Response(body=metrics.render().encode(), headers={"Content-Type": TEXT_FORMAT})
 
     async def h_health(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -283,7 +283,10 @@ class Syncer:
     async def _run_pull(self, st: SourceState, state: StreamState, stream: Stream, run: _Run) -> None:
         while not self.stop.is_set():
             await self.room()
+            fetch_started = time.monotonic()
             page = await self._with_relogin(st, functools.partial(st.source.fetch, stream, run.cursor))
+            self.metrics.observe("syncd_page_fetch_seconds", time.monotonic() - fetch_started,
+                                 source=st.source.name, kind=stream.kind)
             await self._commit(state, st.source, stream, page, run)
             if page.done:
                 break
@@ -384,6 +387,9 @@ class Syncer:
         state.lag_s = page.lag_s
         self.metrics.inc("syncd_events_total", len(page), source=source.name, kind=stream.kind)
         self.metrics.inc("syncd_pages_total", source=source.name)
+        if page.lag_s is not None:
+            self.metrics.set("syncd_stream_cursor_timestamp_seconds", time.time() - page.lag_s,
+                             source=source.name, stream=stream.name)
         if page.late:
             self.metrics.inc("syncd_late_rows_total", page.late, source=source.name, stream=stream.name)
         if new_dead:

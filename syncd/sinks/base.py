@@ -142,7 +142,9 @@ class Drainer:
                 self.delivered_rows += rows
                 self.metrics.inc("syncd_sink_rows_total", rows, sink=self.sink.name)
                 self.metrics.inc("syncd_sink_batches_total", sink=self.sink.name)
-                self.metrics.set("syncd_sink_last_write_seconds", time.monotonic() - started, sink=self.sink.name)
+                took = time.monotonic() - started
+                self.metrics.set("syncd_sink_last_write_seconds", took, sink=self.sink.name)
+                self.metrics.observe("syncd_sink_write_seconds", took, sink=self.sink.name)
                 return
             if deadline is not None:
                 delay = min(delay, max(0.0, deadline - time.monotonic()))
