@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak sim clean mosquitto
+.PHONY: run test lint bench soak sim clean mosquitto promtool
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ mosquitto:  ## the tests start their own broker; install it when missing
 	  (apt-get update -qq && apt-get install -y -qq mosquitto) || \
 	  (sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto); }
 
-test: $(STAMP) mosquitto  ## two workers: most tests wait on subprocesses, brokers and backoff, not the CPU
+promtool:  ## tests/test_metrics.py checks /metrics with it; install it when missing (Debian package prometheus)
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus) || \
+	  (sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends prometheus); }
+
+test: $(STAMP) mosquitto promtool  ## two workers: most tests wait on subprocesses, brokers and backoff, not the CPU
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 lint: $(STAMP)

@@ -145,10 +145,10 @@ class Daemon:
             self.metrics.count_to("syncd_http_requests_total", client.requests, source=name)
             self.metrics.set("syncd_throttle_rate", client.bucket.rate_at(client.bucket.clock()), source=name)
             self.metrics.set("syncd_throttle_max_rate", client.bucket.max_rate, source=name)
-        for d in self.drainers:
-            rows, age = await self.spool.run(self.spool.backlog, d.sink.name)
-            self.metrics.set("syncd_spool_backlog_rows", rows, sink=d.sink.name)
-            self.metrics.set("syncd_spool_backlog_age_seconds", age or 0.0, sink=d.sink.name)
+        for sink, (rows, size, age) in (await self.spool.run(self.spool.backlogs)).items():
+            self.metrics.set("syncd_spool_backlog_rows", rows, sink=sink)
+            self.metrics.set("syncd_spool_backlog_bytes", size, sink=sink)
+            self.metrics.set("syncd_spool_backlog_age_seconds", age or 0.0, sink=sink)
 
     async def _room(self) -> None:
         """Back-pressure: wait (block) or drop the laggard's oldest page (drop_oldest) while the spool is full."""

@@ -69,6 +69,8 @@ FAMILIES: dict[str, Family] = {
     "syncd_spool_bytes": Family("gauge", "Bytes of spooled pages that some sink has not delivered yet."),
     "syncd_spool_backlog_rows": Family(
         "gauge", "Events in the spool the sink has not delivered yet (read at scrape time).", ("sink",)),
+    "syncd_spool_backlog_bytes": Family(
+        "gauge", "Bytes (as spooled) of the pages the sink has not delivered yet (read at scrape time).", ("sink",)),
     "syncd_spool_backlog_age_seconds": Family(
         "gauge", "Age of the oldest spooled page the sink has not delivered yet, 0 when none waits (read at scrape "
         "time).", ("sink",)),

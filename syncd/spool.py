@@ -199,6 +199,14 @@ class Spool:
         ).fetchone()
         return int(rows), (time.time() - oldest) if oldest is not None else None
 
+    def backlogs(self) -> dict[str, tuple[int, int, float | None]]:
+        """Per sink: (rows, bytes, age in seconds of the oldest page) it has not delivered yet, in one query."""
+        now = time.time()
+        return {name: (int(rows), int(size), now - oldest if oldest is not None else None)
+                for name, rows, size, oldest in self._db.execute(
+                    "SELECT s.name, COALESCE(SUM(p.rows), 0), COALESCE(SUM(p.bytes), 0), MIN(p.created) "
+                    "FROM sinks s LEFT JOIN pages p ON p.id > s.delivered GROUP BY s.name")}
+
     def pages_waiting(self, sink: str) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM pages WHERE id > ?", (self._delivered(sink),)).fetchone()[0])
 

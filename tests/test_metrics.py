@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,6 +22,7 @@ from syncd.sim.common import sims_in_thread
 from syncd.sim.iotopen import IotOpenSim
 from syncd.sim.proxus import ProxusSim
 from syncd.sources import SOURCES
+from syncd.spool import Spool
 from tests.conftest import free_port
 from tests.helpers import ch, popen_syncd, write_config
 from tests.mqtt_helpers import wait_for
@@ -87,6 +89,24 @@ def test_each_registry_is_its_own_and_reads_back_what_was_counted() -> None:
     assert 'syncd_sink_write_seconds_bucket{le="0.025",sink="clickhouse"} 0.0' in text
     assert 'syncd_sink_write_seconds_count{sink="clickhouse"} 1.0' in text
     assert "syncd_sink_write_seconds_count" not in b.render()
+
+
+def test_spool_backlogs_are_rows_bytes_and_age_per_sink(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "state.db")
+    spool.register_sinks(["clickhouse", "mqtt"])
+    pages = [{"src": "s", "vendor": "v", "stream": "t", "e": [[i, "s"] for i in range(n)]} for n in (3, 5)]
+    before = time.time()
+    for page in pages:
+        spool.commit_page("s", "t", page, None)
+    batch = spool.next_batch("clickhouse", 100)
+    assert batch is not None
+    spool.ack(batch)
+    backlogs = spool.backlogs()
+    spool.close()
+    rows, size, age = backlogs["mqtt"]
+    assert backlogs["clickhouse"] == (0, 0, None)
+    assert (rows, size) == (8, sum(len(orjson.dumps(p)) for p in pages))
+    assert age is not None and 0 <= age <= time.time() - before
 
 
 def _promtool() -> str:
@@ -218,8 +238,8 @@ def test_a_live_daemons_metrics_pass_promtool_with_help_histograms_throttles_bac
 
     # spool backlog per sink: all delivered; lag and cursor time per stream agree on when the last page was stored
     assert _by(m, "syncd_spool_backlog_rows", "syncd_spool_backlog_rows", "sink") == {"clickhouse": 0.0, "mqtt": 0.0}
-    assert set(_by(m, "syncd_spool_backlog_age_seconds", "syncd_spool_backlog_age_seconds", "sink")) == {"clickhouse",
-                                                                                                      "mqtt"}
+    for family in ("syncd_spool_backlog_bytes", "syncd_spool_backlog_age_seconds"):
+        assert set(_by(m, family, family, "sink")) == {"clickhouse", "mqtt"}
     cursors = {(s.labels["source"], s.labels["stream"]): s.value for s in m["syncd_stream_cursor_timestamp_seconds"]}
     lags = {(s.labels["source"], s.labels["stream"]): s.value for s in m["syncd_stream_lag_seconds"]}
     assert cursors and set(cursors) <= set(lags)
