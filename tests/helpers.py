@@ -41,6 +41,11 @@ def syncd(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -
                           env=full_env)
 
 
+def syncd_status(cfg: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`syncd status` with room for every column (a table narrower than its cells cuts them with an ellipsis)."""
+    return syncd("status", "--config", str(cfg), env={"COLUMNS": "250", **(env or {})})
+
+
 def popen_syncd(*args: str, stderr: Any = subprocess.PIPE) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "syncd", *args], stdout=subprocess.PIPE, stderr=stderr, text=True)
 
@@ -84,3 +89,27 @@ def max_in_window(times: list[float], window: float = 1.0) -> int:
             j += 1
         best = max(best, i - j + 1)
     return best
+
+
+def status_tables(text: str) -> dict[str, list[dict[str, str]]]:
+    """`syncd status` output as {table: [row as {column: cell}]}, tables named by the first word of their title
+    ("streams", "sinks", "sources"); rich box tables, one line per row."""
+    tables: dict[str, list[dict[str, str]]] = {}
+    title, header = "", None
+    for line in text.splitlines():
+        if line.startswith("┃"):
+            header = [c.strip() for c in line.strip().strip("┃").split("┃")]
+            tables[title] = []
+        elif line.startswith("│") and header is not None:
+            tables[title].append(dict(zip(header, (c.strip() for c in line.strip().strip("│").split("│")), strict=True)))
+        elif line.strip() and line.lstrip()[0] not in "┏┡└┗━─╇╭╰┌┃│":
+            title, header = line.split(":")[0].split()[0], None
+    return tables
+
+
+def status_row(text: str, table: str, **match: str) -> dict[str, str]:
+    """The one row of a `syncd status` table whose cells equal `match` (column names with _ for spaces)."""
+    rows = [r for r in status_tables(text).get(table, [])
+            if all(r.get(k.replace("_", " ")) == v for k, v in match.items())]
+    assert len(rows) == 1, f"{len(rows)} rows of {table} match {match}:\n{text}"
+    return rows[0]

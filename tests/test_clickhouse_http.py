@@ -28,7 +28,7 @@ from syncd.sim.iotopen import IotOpenSim
 from syncd.sinks.schema import migrations
 from tests.chhttp import ClickHouseError, ClickHouseHttp, parse_statement
 from tests.conftest import free_port
-from tests.helpers import ch, popen_syncd, syncd, truth_keys, write_config
+from tests.helpers import ch, popen_syncd, status_row, syncd, syncd_status, truth_keys, write_config
 from tests.mqtt_helpers import metrics, wait_for
 
 OUTAGE_S = float(os.environ.get("SYNCD_CH_OUTAGE_S", "20"))
@@ -362,8 +362,8 @@ def test_a_schema_error_stops_only_the_sink_and_it_resumes_when_the_table_is_fix
             # the pollers never wait for the stopped sink (the spool is far from full)
             wait_for(lambda: _total(metrics(port), "syncd_events_total") == total, timeout=120)
             assert _total(metrics(port), "syncd_sink_rows_total", sink="clickhouse") == 0
-            status = syncd("status", "--config", str(cfg))
-            assert "sink clickhouse stopped: schema mismatch" in status.stdout, status.stdout
+            sink = status_row(syncd_status(cfg).stdout, "sinks", sink="clickhouse")
+            assert sink["state"] == "stopped" and sink["detail"].startswith("schema mismatch"), sink
             server.set_fault("ok")  # the operator fixed the table
             wait_for(lambda: _total(metrics(port), "syncd_sink_rows_total", sink="clickhouse") >= total, timeout=60)
             assert metrics(port).get('syncd_sink_stopped{sink="clickhouse"}') == 0

@@ -27,7 +27,7 @@ from syncd.sinks.base import Drainer, Sink
 from syncd.sources.base import Page, Source, Stream
 from syncd.spool import Batch, Spool
 from tests.conftest import free_port
-from tests.helpers import ch, popen_syncd, stored_keys, syncd, truth_keys, write_config
+from tests.helpers import ch, popen_syncd, status_row, stored_keys, syncd, syncd_status, truth_keys, write_config
 from tests.mqtt_helpers import Subscriber, metrics, wait_for
 
 # -- a connector of our own making, to throw what no real vendor should (but one day will) -----------------
@@ -152,8 +152,8 @@ def test_a_refused_key_is_rechecked_and_the_source_resumes_without_a_restart(tmp
         try:
             wait_for(lambda: _readyz(port)[0] == 503 and "auth_failed" in _readyz(port)[1], timeout=60)
             assert metrics(port).get('syncd_source_auth_failed{source="iotopen-sim"}') == 1
-            status = syncd("status", "--config", str(cfg))
-            assert "source iotopen-sim: auth_failed" in status.stdout, status.stdout
+            status = syncd_status(cfg)
+            assert status_row(status.stdout, "sources", source="iotopen-sim")["auth"] == "auth_failed"
             sim.faults.expired = False  # the operator fixed the key
             total = len(sim.ground_truth())
             wait_for(lambda: metrics(port).get('syncd_events_total{kind="log",source="iotopen-sim"}', 0)
@@ -294,10 +294,11 @@ def test_a_schema_mismatch_stops_only_that_sink_naming_the_column_then_resumes_w
         assert r.stderr.count('"sink.stopped_schema_mismatch"') == 1
         assert '"table": "events"' in r.stderr and '"column": "text"' in r.stderr
         assert "syncd.events has no column text" in r.stderr
-        status = syncd("status", "--config", str(cfg))
+        status = syncd_status(cfg)
         waiting = len(sim.ground_truth())
-        assert f"sink clickhouse: {waiting} events waiting" in status.stdout, status.stdout
-        assert "sink clickhouse stopped: schema mismatch" in status.stdout
+        sink = status_row(status.stdout, "sinks", sink="clickhouse")
+        assert (sink["backlog rows"], sink["state"]) == (str(waiting), "stopped"), status.stdout
+        assert sink["detail"].startswith("schema mismatch"), status.stdout
         fixed = syncd("query", "--config", str(cfg), "ALTER TABLE syncd.events RENAME COLUMN message TO text")
         assert fixed.returncode == 0, fixed.stderr
         again = syncd("run", "--config", str(cfg), "--once")
@@ -342,8 +343,8 @@ def test_poison_rows_never_wedge_the_mqtt_sink(tmp_path: Path, mosquitto: Any) -
     assert [x[0] for x in letters] == ["clickhouse", "mqtt"]
     assert "ts" in letters[0][1] and "ts" in letters[1][1]
     assert stored == [[502]]
-    status = syncd("status", "--config", str(cfg))
-    assert "sink mqtt: 0 events waiting" in status.stdout and "sink clickhouse: 0 events waiting" in status.stdout
+    status = syncd_status(cfg)
+    assert [status_row(status.stdout, "sinks", sink=name)["backlog rows"] for name in ("mqtt", "clickhouse")] == ["0", "0"]
 
 
 def test_secrets_stay_out_of_every_output_and_risky_settings_warn(tmp_path: Path) -> None:
@@ -366,7 +367,7 @@ def test_secrets_stay_out_of_every_output_and_risky_settings_warn(tmp_path: Path
             wait_for(lambda: _readyz(port)[0] == 503, timeout=60)
             ready = _readyz(port)[1]
             metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            status = syncd("status", "--config", str(cfg))
+            status = syncd_status(cfg)
         finally:
             daemon.send_signal(signal.SIGTERM)
             _, err = daemon.communicate(timeout=120)
@@ -394,12 +395,12 @@ def test_a_reread_page_adds_no_dead_letter_twice_and_status_counts_them(tmp_path
             db.execute("DELETE FROM cursors")
         again = syncd("run", "--config", str(cfg), "--once")
         assert again.returncode == 0, again.stderr[-3000:]
-        status = syncd("status", "--config", str(cfg))
+        status = syncd_status(cfg)
     (after, distinct) = ch(tmp_path / "data", "SELECT count() FROM syncd.dead_letter",
                            "SELECT count() FROM syncd.dead_letter FINAL")
     n = before[0][0]
     assert n >= 8 and after == [[n]] and distinct == [[n]]
-    assert f"dead letters proxus-sim\ttelemetry: {n}" in status.stdout, status.stdout
+    assert status_row(status.stdout, "streams", source="proxus-sim", stream="telemetry")["dead letters"] == str(n)
     assert '"sync.dead_letters"' not in again.stderr  # nothing new to report
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from syncd.sim.common import sims_in_thread
 from syncd.sim.iotopen import IotOpenSim
 from tests.conftest import free_port
-from tests.helpers import ch, once_twice, popen_syncd, stored_keys, syncd, truth_keys, write_config
+from tests.helpers import ch, once_twice, popen_syncd, status_row, stored_keys, syncd, syncd_status, truth_keys, write_config
 
 
 def test_once_stores_ground_truth_then_adds_nothing(tmp_path: Path) -> None:
@@ -141,6 +141,7 @@ def test_sigterm_stops_cleanly_and_flushes(tmp_path: Path) -> None:
     assert '"syncd.stopped"' in err and '"flushed": true' in err
     # whatever was fetched before the stop is in ClickHouse, and the spool is empty
     (spooled,) = ch(tmp_path / "data", "SELECT count() FROM syncd.events")
-    status = syncd("status", "--config", str(cfg))
-    assert "spool: 0 bytes undelivered" in status.stdout and "sink clickhouse: 0 events waiting" in status.stdout, status.stdout
+    status = syncd_status(cfg)
+    sink = status_row(status.stdout, "sinks", sink="clickhouse")
+    assert (sink["backlog rows"], sink["backlog bytes"], sink["pages"]) == ("0", "0 B", "0"), status.stdout
     assert spooled[0][0] > 0
