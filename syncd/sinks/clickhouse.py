@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import struct
 import time
@@ -16,9 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import clickhouse_connect
 import structlog
-from clickhouse_connect.driver.exceptions import DatabaseError, DataError, ProgrammingError
 
 from syncd.errors import RowsRefused, SchemaMismatch
 from syncd.events import COLUMNS, TS_MAX_MS, TS_MIN_MS
@@ -69,7 +68,21 @@ DATA_CODES = frozenset({
 })
 # Everything else (connection, timeout, 5xx, TOO_MANY_PARTS, MEMORY_LIMIT_EXCEEDED, auth) is transient: retried.
 # The client refuses a value it cannot serialize with one of these before anything is sent:
-CLIENT_DATA_ERRORS = (DataError, TypeError, ValueError, OverflowError, struct.error)
+
+
+@functools.cache
+def _driver() -> tuple[Any, Any]:
+    """clickhouse-connect and its exceptions module, imported when first needed: the driver costs a tenth of syncd's
+    start-up, and the store opens on its own thread while the sources discover."""
+    import clickhouse_connect
+    from clickhouse_connect.driver import exceptions
+
+    return clickhouse_connect, exceptions
+
+
+def _client_data_errors() -> tuple[type[Exception], ...]:
+    """What the client raises for a value it cannot encode (the row's fault, not the server's)."""
+    return (_driver()[1].DataError, TypeError, ValueError, OverflowError, struct.error)
 # toYYYYMM partitions one insert may touch (the server refuses more than max_partitions_per_insert_block, 100).
 PARTITIONS_PER_INSERT = 90
 FRESH_WAIT_S = 30.0  # syncd tables without recorded versions: how long to wait for the replica creating them
@@ -88,9 +101,9 @@ def connect(dsn: str, database: str = "default") -> Any:
                 f"the embedded ClickHouse at {path} is in use by another process "
                 "(is `syncd run` or `syncd demo` running on this data dir? stop it, or query a server DSN)"
             )
-        return clickhouse_connect.get_client(dsn=dsn)
+        return _driver()[0].get_client(dsn=dsn)
     parts = urlsplit(dsn)
-    return clickhouse_connect.get_client(
+    return _driver()[0].get_client(
         host=parts.hostname or "localhost", port=parts.port or (8443 if parts.scheme == "https" else 8123),
         username=parts.username or "default", password=parts.password or "", secure=parts.scheme == "https",
         # The session's default database only: every statement of syncd names `[clickhouse] database` itself,
@@ -261,15 +274,15 @@ class ClickHouseSink(Sink):
                 settings["insert_distributed_sync"] = 1
             self.client.insert(f"`{self.database}`.{table}", data, column_names=columns, column_oriented=column_oriented,
                                settings=settings)
-        except DatabaseError as err:
-            code = getattr(err, "code", None)
-            if code in SCHEMA_CODES or (isinstance(err, ProgrammingError) and code is None) or code in DATA_CODES \
-                    or isinstance(err, DataError):
+        except _driver()[1].DatabaseError as err:
+            exc, code = _driver()[1], getattr(err, "code", None)
+            if code in SCHEMA_CODES or (isinstance(err, exc.ProgrammingError) and code is None) or code in DATA_CODES \
+                    or isinstance(err, exc.DataError):
                 self._raise_schema_mismatch(table, err)
-            if code in DATA_CODES or isinstance(err, DataError):
+            if code in DATA_CODES or isinstance(err, exc.DataError):
                 raise RowsRefused(f"{table}: {_short(err)}") from err
             raise
-        except CLIENT_DATA_ERRORS as err:
+        except _client_data_errors() as err:
             self._raise_schema_mismatch(table, err)
             raise RowsRefused(f"{table}: {err.__class__.__name__}: {_short(err)}") from err
 
@@ -277,7 +290,7 @@ class ClickHouseSink(Sink):
         """Compare the table with what syncd writes: a missing table or a changed column is a SchemaMismatch."""
         try:
             described = {r[0]: r[1] for r in self.client.query(f"DESCRIBE TABLE `{self.database}`.`{table}`").result_rows}
-        except DatabaseError as check:
+        except _driver()[1].DatabaseError as check:
             if getattr(check, "code", None) in (60, 81):  # UNKNOWN_TABLE, UNKNOWN_DATABASE
                 raise SchemaMismatch(f"table {self.database}.{table} does not exist", table=table) from err
             if getattr(err, "code", None) in SCHEMA_CODES:
