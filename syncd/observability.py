@@ -11,7 +11,7 @@ from typing import Any, Literal
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 log = structlog.get_logger("syncd.observability")
 
@@ -102,15 +102,24 @@ class Metrics:
     """
 
     def __init__(self) -> None:
-        self._families: dict[str, Any] = {name: _metric(name, f) for name, f in FAMILIES.items()}
+        # Per-stream gauges (one series per stream, 10,000 streams) are plain values collected at scrape time: a
+        # prometheus-client child per series costs about a kilobyte and a lock.
+        self._plain: dict[str, dict[tuple[str, ...], float]] = {
+            name: {} for name, f in FAMILIES.items() if f.type == "gauge" and "stream" in f.labels}
+        self._families: dict[str, Any] = {name: _metric(name, f) for name, f in FAMILIES.items()
+                                          if name not in self._plain}
         self._on_scrape: list[Callable[[], Awaitable[None]]] = []
         self.registry = CollectorRegistry()
-        self.registry.register(_Collector(self._families))
+        self.registry.register(_Collector(self._families, self._plain))
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         self._series(name, labels).inc(amount)
 
     def set(self, name: str, value: float, **labels: str) -> None:
+        plain = self._plain.get(name)
+        if plain is not None:
+            plain[_plain_key(name, labels)] = value
+            return
         self._series(name, labels).set(value)
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
@@ -123,6 +132,8 @@ class Metrics:
 
     def get(self, name: str, **labels: str) -> float:
         """A counter's or gauge's value for exactly these labels; 0 for a series not seen yet."""
+        if name in self._plain:
+            return self._plain[name].get(_plain_key(name, labels), 0.0)
         return next((s.value for s in self._samples(name) if s.name == name and s.labels == labels), 0.0)
 
     def total(self, name: str) -> float:
@@ -152,6 +163,9 @@ class Metrics:
         return metric.labels(**labels) if labels else metric
 
     def _samples(self, name: str) -> Iterator[Any]:
+        if name in self._plain:
+            yield from _plain_family(name, self._plain[name]).samples
+            return
         if name not in self._families:
             raise KeyError(f"metric {name!r} is not declared in syncd.observability.FAMILIES")
         for family in self._families[name].collect():
@@ -167,18 +181,35 @@ def _metric(name: str, family: Family) -> Any:
     return Histogram(name, family.help, family.labels, registry=None, buckets=family.buckets)
 
 
-class _Collector:
-    """Collects the families without their `_created` series: in the classic text format each would become a
-    gauge family of its own, doubling every counter and histogram for a value nobody graphs."""
+def _plain_key(name: str, labels: dict[str, str]) -> tuple[str, ...]:
+    names = FAMILIES[name].labels
+    if set(labels) != set(names):
+        raise ValueError(f"metric {name!r} takes the labels {names}, not {tuple(sorted(labels))}")
+    return tuple(labels[n] for n in names)
 
-    def __init__(self, families: dict[str, Any]) -> None:
-        self.families = families
+
+def _plain_family(name: str, values: dict[tuple[str, ...], float]) -> Metric:
+    family = GaugeMetricFamily(name, FAMILIES[name].help, labels=FAMILIES[name].labels)
+    for key, value in list(values.items()):
+        family.add_metric(key, value)
+    return family
+
+
+class _Collector:
+    """Collects the families without their `_created` series (in the classic text format each would become a
+    gauge family of its own, doubling every counter and histogram for a value nobody graphs), and the plain
+    per-stream gauges."""
+
+    def __init__(self, families: dict[str, Any], plain: dict[str, dict[tuple[str, ...], float]]) -> None:
+        self.families, self.plain = families, plain
 
     def collect(self) -> Iterator[Metric]:
         for metric in self.families.values():
             for family in metric.collect():
                 family.samples = [s for s in family.samples if not s.name.endswith("_created")]
                 yield family
+        for name, values in self.plain.items():
+            yield _plain_family(name, values)
 
 
 async def serve_http(address: str, metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> web.AppRunner | None:
