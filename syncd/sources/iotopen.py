@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import base64
 import math
-from typing import (
-    Annotated,
-    Any,
-    NotRequired,  # pydantic reads TypedDicts from here before Python 3.12
-)
+from collections.abc import Iterator
+from typing import Annotated, Any, NotRequired
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict  # pydantic reads TypedDicts from here before Python 3.12
 
 from syncd.errors import MalformedResponse, VendorAuthError
 from syncd.events import Event
@@ -71,6 +68,17 @@ class LynxValue(TypedDict):
     topic: str
     value: NotRequired[float | None]
     msg: NotRequired[str | None]
+
+
+def _entries(records: list[Any], dead: list[DeadLetter]) -> Iterator[tuple[LynxValue, int, int | float | None]]:
+    """(entry, epoch ms, client id) of a page's entries, validated in one call; a bad one becomes a dead letter."""
+    for item in valid_all(LynxValue, records, dead):
+        try:
+            ts_ms, client = _entry(item)
+        except FieldError as err:
+            dead.append(dead_letter(item, err))
+            continue
+        yield item, ts_ms, client
 
 
 def _entry(item: LynxValue) -> tuple[int, int | float | None]:
@@ -199,12 +207,7 @@ class IotOpenSource(Source):
             raise MalformedResponse(f"{path}: status answer is not a JSON array", body=str(raw)[:200])
         tenant, tracker, b = stream.tenant, ChangeTracker(seen), PageBuilder(self)
         dead: list[DeadLetter] = []
-        for item in valid_all(LynxValue, raw, dead):
-            try:
-                ts_ms, client = _entry(item)
-            except FieldError as err:
-                dead.append(dead_letter(item, err))
-                continue
+        for item, ts_ms, client in _entries(raw, dead):
             topic = item["topic"]
             if tracker.moved(topic, ts_ms):
                 device, attrs = self._labelled(tenant, topic, client)
@@ -251,12 +254,7 @@ class IotOpenSource(Source):
         dead: list[DeadLetter] = []
         b = PageBuilder(self)
         add, labels = b.add, self._labels
-        for item in valid_all(LynxValue, data, dead):
-            try:
-                ts_ms, client = _entry(item)
-            except FieldError as err:
-                dead.append(dead_letter(item, err))
-                continue
+        for item, ts_ms, client in _entries(data, dead):
             topic = item["topic"]
             last_second = edge_lo <= ts_ms < edge_hi
             if last_second or ts_ms in edge_ts:
