@@ -113,3 +113,17 @@ def status_row(text: str, table: str, **match: str) -> dict[str, str]:
             if all(r.get(k.replace("_", " ")) == v for k, v in match.items())]
     assert len(rows) == 1, f"{len(rows)} rows of {table} match {match}:\n{text}"
     return rows[0]
+
+
+async def drain(src: Any, stream: Any, cursor: Any = None) -> tuple[list[Any], list[Any], Any]:
+    """One run of a stream through its source: fetch until the source says it is caught up (events, dead, cursor)."""
+    events: list[Any] = []
+    dead: list[Any] = []
+    for _ in range(1000):
+        page = await src.fetch(stream, cursor)
+        events += page.events
+        dead += page.dead
+        cursor = page.cursor
+        if page.done:
+            return events, dead, cursor
+    raise AssertionError("the stream never caught up")

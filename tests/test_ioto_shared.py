@@ -17,8 +17,9 @@ from syncd.http import TokenBucket, VendorClient
 from syncd.settings import IotoSource as IotoConfig
 from syncd.sim.common import sims_in_thread
 from syncd.sim.ioto import IotoSim
-from syncd.sources.base import DeadLetter, Stream
+from syncd.sources.base import Stream
 from syncd.sources.ioto import AlertItem, IotoSource, MetricPoint
+from tests.helpers import drain
 from tests.test_ioto_quirks import FakeClock
 
 ALERTS = Stream("alert", "alert", "")
@@ -36,20 +37,6 @@ async def connector(sim: IotoSim, clock: Callable[[], float] = time.time, **cfg:
         config = IotoConfig(vendor="ioto", name="io", base_url=sim.url, token=SecretStr(sim.token),
                             start="2020-01-01", **cfg)
         yield IotoSource(config, client, clock=clock)
-
-
-async def drain(src: IotoSource, stream: Stream, cursor: Any = None) -> tuple[list[Event], list[DeadLetter], Any]:
-    """One run of a stream: fetch until the source says it is caught up."""
-    events: list[Event] = []
-    dead: list[DeadLetter] = []
-    for _ in range(1000):
-        page = await src.fetch(stream, cursor)
-        events += page.events
-        dead += page.dead
-        cursor = page.cursor
-        if page.done:
-            return events, dead, cursor
-    raise AssertionError("the stream never caught up")
 
 
 def _old_layout(cursor: dict[str, Any]) -> dict[str, Any]:

@@ -24,9 +24,10 @@ from syncd.scheduler import Syncer
 from syncd.settings import ProxusSource as ProxusConfig
 from syncd.sim.common import RecordedRequest, sims_in_thread
 from syncd.sim.proxus import ProxusSim
-from syncd.sources.base import DeadLetter, Stream
+from syncd.sources.base import Stream
 from syncd.sources.proxus import COLUMNS, ProxusSource, proxus_error
 from syncd.spool import Spool
+from tests.helpers import drain
 
 LOGIN = "/api/Authentication/Authenticate"
 EXECUTE = "/api/Telemetry/execute"
@@ -56,20 +57,6 @@ async def connector(sim: ProxusSim, clock: Callable[[], float] = time.time, **cf
         config = ProxusConfig(vendor="proxus", name=sim.tenant, base_url=sim.url, username=sim.username,
                               password=sim.password, **cfg)  # type: ignore[arg-type]
         yield ProxusSource(config, client, clock=clock)
-
-
-async def drain(src: ProxusSource, stream: Stream, cursor: Any = None) -> tuple[list[Event], list[DeadLetter], Any]:
-    """One run: fetch until the source says it is caught up."""
-    events: list[Event] = []
-    dead: list[DeadLetter] = []
-    for _ in range(1000):
-        page = await src.fetch(stream, cursor)
-        events += page.events
-        dead += page.dead
-        cursor = page.cursor
-        if page.done:
-            return events, dead, cursor
-    raise AssertionError("the stream never caught up")
 
 
 def keys(events: list[Event]) -> set[tuple[str, str, str, int]]:
