@@ -13,14 +13,13 @@ from typing import Any
 import aiohttp
 import structlog
 
-from syncd.http import TokenBucket, VendorClient
 from syncd.observability import Metrics, redactor, serve_http
 from syncd.scheduler import StreamState, Syncer, describe
 from syncd.settings import Settings
 from syncd.sinks import build_sinks
 from syncd.sinks.base import Drainer, Sink
 from syncd.sinks.clickhouse import ClickHouseSink
-from syncd.sources import SOURCES
+from syncd.sources import build_source
 from syncd.spool import Spool
 
 log = structlog.get_logger("syncd.app")
@@ -59,12 +58,7 @@ class Daemon:
         for cfg in self.settings.sources:
             if not cfg.enabled:
                 continue
-            cls = SOURCES[cfg.vendor]
-            bucket = TokenBucket(cfg.rate or cls.default_rate, cfg.burst or cls.default_burst)
-            client = VendorClient(self.session, bucket, timeout=cfg.timeout, concurrency=cfg.concurrency,
-                                  tls_verify=cfg.tls_verify, map_error=cls.map_error, name=cfg.name,
-                                  max_retry_after=cfg.max_retry_after)
-            self.syncer.add_source(cls(cfg, client, clock=self.clock))
+            self.syncer.add_source(build_source(cfg, self.session, clock=self.clock))
         for sink in self.sinks:  # the engine opens (and migrates) on its own thread while the sources discover
             if isinstance(sink, ClickHouseSink):
                 self.drain_tasks.append(asyncio.create_task(self._open_early(sink), name=f"open:{sink.name}"))

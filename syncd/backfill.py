@@ -36,15 +36,13 @@ from typing import Any, TextIO
 import aiohttp
 import structlog
 
-from syncd.errors import VendorAuthError
 from syncd.events import COLUMNS, TS_MAX_MS, TS_MIN_MS, TS_RANGE
-from syncd.http import TokenBucket, VendorClient
 from syncd.observability import Metrics, redactor
 from syncd.scheduler import describe
 from syncd.settings import Settings, start_ms
 from syncd.sinks.base import Drainer
 from syncd.sinks.clickhouse import ClickHouseSink, StoreLocked
-from syncd.sources import SOURCES, iotopen, ixon, proxus
+from syncd.sources import build_source, iotopen, ixon, proxus
 from syncd.sources.base import Source, Stream, guard_page
 from syncd.spool import Spool
 
@@ -351,23 +349,18 @@ class Backfill:
             self.spool.close()
 
     def _source(self, session: aiohttp.ClientSession) -> tuple[Source, float]:
-        cfg, cls = self.cfg, SOURCES[self.cfg.vendor]
-        rate = (cfg.rate or cls.default_rate) * (1.0 - self.live_share)
-        burst = max(1, int((cfg.burst or cls.default_burst) * (1.0 - self.live_share)))
-        client = VendorClient(session, TokenBucket(rate, burst), timeout=cfg.timeout, concurrency=cfg.concurrency,
-                              tls_verify=cfg.tls_verify, map_error=cls.map_error, name=cfg.name,
-                              max_retry_after=cfg.max_retry_after)
+        cfg = self.cfg
         # "now" for the connector: `until` plus its read lag, moving with real time (token lifetimes stay true)
         shift = self.range.until_ms / 1000 + WINDOW_END_S[cfg.vendor] - time.time()
-        source = cls(cfg, client, clock=lambda: time.time() + shift)
+        source = build_source(cfg, session, share=1.0 - self.live_share, clock=lambda: time.time() + shift)
         source.instance = f"{self.settings.syncd.instance}-backfill"
-        return source, rate
+        return source, source.client.bucket.rate
 
     async def _run(self, session: aiohttp.ClientSession, sink: ClickHouseSink, progress: bool) -> int:
         source, rate = self._source(session)
         try:
             await source.login()
-            streams = await _with_relogin(source, source.discover)
+            streams = await source.relogged(source.discover)
         except Exception as err:  # noqa: BLE001 - nothing fetched yet: say why and stop
             raise BackfillError(f"discovering {source.name} failed: {self.redact(describe(err))}", code=1) from None
         named = [s for s in streams if matches(s.name, self.glob)]
@@ -432,7 +425,7 @@ class Backfill:
         try:
             while True:
                 await self._room()
-                page = guard_page(await _with_relogin(source, functools.partial(source.fetch, stream, job["cursor"])))
+                page = guard_page(await source.relogged(functools.partial(source.fetch, stream, job["cursor"])))
                 rows = [r for r in page.rows() if rng.since_ms <= r[TS] < rng.until_ms]
                 done = 1.0 if page.done else fraction(vendor, page.cursor)
                 job = {**job, "cursor": page.cursor, "pages": job["pages"] + 1, "rows": job["rows"] + len(rows),
@@ -482,14 +475,4 @@ class Backfill:
                   file=self.out)
             return 1
         return 0 if flushed else 1
-
-
-async def _with_relogin(source: Source, call: Callable[[], Any]) -> Any:
-    """One fresh login after a refused credential (a token that expired mid-backfill), as the live syncer does."""
-    try:
-        return await call()
-    except VendorAuthError:
-        if not await source.relogin():
-            raise
-        return await call()
 

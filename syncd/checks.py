@@ -122,7 +122,7 @@ async def discovered_streams(settings: Settings) -> tuple[dict[str, int], list[s
     Returns the counts and a warning per source that could not be discovered.
     """
     from syncd.scheduler import in_shard
-    from syncd.sources import SOURCES
+    from syncd.sources import build_source
 
     counts: dict[str, int] = {}
     out: list[str] = []
@@ -130,11 +130,7 @@ async def discovered_streams(settings: Settings) -> tuple[dict[str, int], list[s
         for i, cfg in enumerate(settings.sources):
             if not cfg.enabled:
                 continue
-            cls = SOURCES[cfg.vendor]
-            bucket = TokenBucket(cfg.rate or cls.default_rate, cfg.burst or cls.default_burst)
-            client = VendorClient(session, bucket, timeout=min(cfg.timeout, CHECK_TIMEOUT), tls_verify=cfg.tls_verify,
-                                  retry=CHECK_RETRY, map_error=cls.map_error, name=cfg.name)
-            source = cls(cfg, client)
+            source = build_source(cfg, session, timeout=min(cfg.timeout, CHECK_TIMEOUT), retry=CHECK_RETRY)
             try:
                 async with asyncio.timeout(CHECK_DISCOVER_TIMEOUT):
                     await source.login()

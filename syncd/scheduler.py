@@ -155,7 +155,7 @@ class Syncer:
             try:
                 if not st.streams or st.failed:
                     await st.source.login()
-                streams = await self._with_relogin(st, st.source.discover)
+                streams = await st.source.relogged(st.source.discover)
             except asyncio.CancelledError:
                 raise
             except VendorAuthError as err:
@@ -197,15 +197,6 @@ class Syncer:
         st.failed, st.recheck_delay, st.recheck_at = "", 0.0, 0.0
         self.metrics.set("syncd_source_auth_failed", 0, source=st.source.name)
         self.health(("source", st.source.name, "ok", ""))
-
-    async def _with_relogin(self, st: SourceState, call: Callable[[], Awaitable[Any]]) -> Any:
-        try:
-            return await call()
-        except VendorAuthError:
-            if not await st.source.relogin():
-                raise
-            log.info("source.relogin", source=st.source.name)
-            return await call()
 
     # -- one stream run ---------------------------------------------------------------------------
 
@@ -284,7 +275,7 @@ class Syncer:
         while not self.stop.is_set():
             await self.room()
             fetch_started = time.monotonic()
-            page = await self._with_relogin(st, functools.partial(st.source.fetch, stream, run.cursor))
+            page = await st.source.relogged(functools.partial(st.source.fetch, stream, run.cursor))
             self.metrics.observe("syncd_page_fetch_seconds", time.monotonic() - fetch_started,
                                  source=st.source.name, kind=stream.kind)
             await self._commit(state, st.source, stream, page, run)

@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import orjson
+import structlog
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from syncd.errors import VendorAuthError
 from syncd.events import TS_MAX_MS, TS_MIN_MS, TS_RANGE, Columns, Event, describe_ms
 from syncd.http import VendorClient, default_error
 from syncd.settings import SourceBase, start_ms
+
+log = structlog.get_logger("syncd.sources")
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -142,6 +146,16 @@ class Source(ABC):
     async def relogin(self) -> bool:
         """Get a fresh credential after a 401; False when the source has nothing to log in with."""
         return False
+
+    async def relogged(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, and once more after a fresh login when the vendor refused the credential (a token that expired)."""
+        try:
+            return await call()
+        except VendorAuthError:
+            if not await self.relogin():
+                raise
+            log.info("source.relogin", source=self.name)
+            return await call()
 
     @abstractmethod
     async def discover(self) -> list[Stream]:
