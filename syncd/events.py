@@ -150,6 +150,11 @@ class Columns:
             ids.append(from_bytes(h.digest(), "little"))
         return ids
 
+    def spooled(self) -> list[list[Any]]:
+        """The spool's columns of this page (`spool.PAGE_COLUMNS`: COLUMNS without the source and vendor)."""
+        return [self.event_ids(), self.kind, self.tenant, self.device, self.metric, self.ts, self.value, self.text,
+                self.attrs]
+
     def rows(self) -> list[list[Any]]:
         """The spool/insert rows in COLUMNS order."""
         source, vendor = self.source, self.vendor

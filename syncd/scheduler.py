@@ -359,7 +359,12 @@ class Syncer:
         """Guard, then spool one page with its cursor (one transaction), wake the drainers, count it."""
         page = guard_page(page)
         payload: dict[str, Any] = {"src": source.name, "vendor": source.vendor, "stream": stream.name,
-                                   "e": page.rows(), "d": [[self.redact(d.reason), self.redact(d.payload)] for d in page.dead]}
+                                   "d": [[self.redact(d.reason), self.redact(d.payload)] for d in page.dead]}
+        columns = page.columns
+        if columns is not None and columns.source == source.name and columns.vendor == source.vendor:
+            payload["c"] = columns.spooled()  # the drainers get these very lists: no rows built, none decoded
+        else:
+            payload["e"] = page.rows()
         if page.done and not stream.push:  # the run ends with this page: its sync_status row commits with it
             state.lag_s = page.lag_s
             text = orjson.dumps(page.cursor).decode()[:500] if page.cursor is not None else ""

@@ -4,12 +4,17 @@ A page's events and its stream's next cursor commit in one transaction, so a cur
 ahead of data that is safe on disk. Each sink drains pages in id order; a sink's in-flight range
 is recorded before it is written so a retry after a crash sends the same range with the same
 deduplication token.
+
+A page's events are columns, `c` (PAGE_COLUMNS; the source and vendor once, in `src` and `vendor`), or rows,
+`e` (COLUMNS order: spools written before columns, and pages built from events). `page_len`, `page_rows`,
+`page_columns` and `page_slice` read both.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import sqlite3
 import time
 import uuid
@@ -21,6 +26,8 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import orjson
+
+from syncd.events import COLUMNS
 
 P = ParamSpec("P")
 FRESH_BYTES = 64 * 2**20  # encoded bytes of just-committed pages kept decoded for the drainers (~1.5x in memory, attrs shared)
@@ -48,6 +55,45 @@ CREATE TABLE IF NOT EXISTS sinks (
 """
 
 
+PAGE_COLUMNS = tuple(c for c in COLUMNS if c not in ("source", "vendor"))
+
+
+def page_len(page: dict[str, Any]) -> int:
+    """The number of events of a spooled page."""
+    columns = page.get("c")
+    return len(columns[0]) if columns else len(page.get("e", ()))
+
+
+def page_rows(page: dict[str, Any]) -> list[Any]:
+    """A page's events as rows in COLUMNS order."""
+    columns = page.get("c")
+    if not columns:
+        return list(page.get("e", ()))
+    src, vendor = page["src"], page["vendor"]
+    return [[i, src, vendor, k, t, d, m, ts, v, x, a] for i, k, t, d, m, ts, v, x, a in zip(*columns, strict=True)]
+
+
+def page_columns(page: dict[str, Any]) -> list[list[Any]]:
+    """A page's events as the COLUMNS columns; ValueError when its columns or rows do not line up."""
+    columns = page.get("c")
+    if columns:
+        n = len(columns[0])
+        if len(columns) != len(PAGE_COLUMNS) or any(len(c) != n for c in columns):
+            raise ValueError(f"page columns: {len(PAGE_COLUMNS)} of {n} values each expected")
+        return [columns[0], [page["src"]] * n, [page["vendor"]] * n, *columns[1:]]
+    rows = page.get("e", ())
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in COLUMNS]
+
+
+def page_slice(page: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+    """Events start..end of a page, as its own `c` or `e` entry."""
+    columns = page.get("c")
+    if columns:
+        return {"c": [c[start:end] for c in columns]} if start < end else {}
+    events = page.get("e", ())
+    return {"e": events[start:end] if start < end else []}
+
+
 @dataclass(frozen=True)
 class Batch:
     """A contiguous range of pages for one sink; `token` is stable across retries of the same range."""
@@ -60,21 +106,21 @@ class Batch:
 
     @property
     def rows(self) -> int:
-        return sum(len(p.get("e", ())) for p in self.pages)
+        return sum(page_len(p) for p in self.pages)
 
     def part(self, lo: int, hi: int, *, meta: bool = False) -> Batch:
         """Events lo..hi (in batch order) as a batch of their own, with the dead letters and status rows only
         when `meta`; its token derives from the range, so a retried part is deduplicated like a retried batch."""
         pages, at = [], 0
         for page in self.pages:
-            events = page.get("e", ())
-            start, end = max(lo - at, 0), min(hi - at, len(events))
-            at += len(events)
-            sub = {k: v for k, v in page.items() if k not in ("e", "d", "s")}
-            sub["e"] = events[start:end] if start < end else []
+            n = page_len(page)
+            start, end = max(lo - at, 0), min(hi - at, n)
+            at += n
+            sub = {k: v for k, v in page.items() if k not in ("e", "c", "d", "s")}
+            sub.update(page_slice(page, start, end))
             if meta:
                 sub["d"], sub["s"] = page.get("d", []), page.get("s", [])
-            if sub["e"] or sub.get("d") or sub.get("s"):
+            if page_len(sub) or sub.get("d") or sub.get("s"):
                 pages.append(sub)
         return Batch(self.sink, self.first, self.last, f"{self.token}/{lo}-{hi}{'m' if meta else ''}", pages)
 
@@ -121,7 +167,7 @@ class Spool:
         return {(s, t): orjson.loads(c) for s, t, c in self._db.execute("SELECT source, stream, cursor FROM cursors")}
 
     def commit_page(self, source: str, stream: str, payload: dict[str, Any], cursor: Any) -> int | None:
-        """Store a page (events `e`, dead letters `d`, stream status `s`) and the stream's cursor atomically.
+        """Store a page (events `c` or `e`, dead letters `d`, stream status `s`) and the stream's cursor atomically.
 
         A dead letter already stored for the stream (same reason and payload: a re-read page) is left out;
         `payload["d"]` holds only the new ones afterwards.
@@ -130,9 +176,10 @@ class Spool:
         with self._tx():
             if payload.get("d"):
                 payload["d"] = [d for d in payload["d"] if self._first_sighting(source, stream, d)]
-            if any(payload.get(k) for k in ("e", "d", "s")):
+            rows = page_len(payload)
+            if rows or payload.get("d") or payload.get("s"):
                 data = orjson.dumps(payload)
-                rows, size = len(payload.get("e", ())), len(data)
+                size = len(data)
                 cur = self._db.execute(
                     "INSERT INTO pages (created, rows, bytes, source, stream, data) VALUES (?,?,?,?,?,?)",
                     (created, rows, size, source, stream, data),
@@ -212,6 +259,10 @@ class Spool:
 
     def next_batch(self, sink: str, max_rows: int) -> Batch | None:
         """The sink's in-flight range if one is recorded, else the next pages up to `max_rows` rows."""
+        with self._tx():
+            return self._next_batch(sink, max_rows)
+
+    def _next_batch(self, sink: str, max_rows: int) -> Batch | None:
         delivered, first, last = self._db.execute(
             "SELECT delivered, inflight_first, inflight_last FROM sinks WHERE name=?", (sink,)
         ).fetchone()
@@ -224,8 +275,7 @@ class Spool:
                 last, total = page_id, total + rows
             if first is None:
                 return None
-            with self._tx():
-                self._db.execute("UPDATE sinks SET inflight_first=?, inflight_last=? WHERE name=?", (first, last, sink))
+            self._db.execute("UPDATE sinks SET inflight_first=?, inflight_last=? WHERE name=?", (first, last, sink))
         return Batch(sink, first, last, f"{self.epoch}-{sink}-{first}-{last}", self._pages(first, last))
 
     def _pages(self, first: int, last: int) -> list[dict[str, Any]]:
@@ -244,14 +294,26 @@ class Spool:
                     read[page_id] = page
         return [{**fresh[i][2], "at": fresh[i][0]} if i in fresh else read[i] for i in ids]
 
-    def ack(self, batch: Batch) -> None:
-        """The sink has every page of the batch: advance it and delete pages every sink has."""
+    def ack(self, batch: Batch, next_rows: int = 0, next_age: float = math.inf) -> Batch | None:
+        """The sink has every page of the batch: advance it and delete pages every sink has.
+
+        With `next_rows`, the sink's next batch comes back when one is due (`next_rows` rows waiting, or the oldest
+        page older than `next_age` seconds), its range recorded in the same transaction: one fsync between two
+        writes of a busy sink, not three.
+        """
         with self._tx():
             self._db.execute(
                 "UPDATE sinks SET delivered=?, inflight_first=NULL, inflight_last=NULL WHERE name=?",
                 (batch.last, batch.sink),
             )
             self._collect()
+            if not next_rows:
+                return None
+            rows, oldest = self._db.execute("SELECT COALESCE(SUM(rows), 0), MIN(created) FROM pages WHERE id > ?",
+                                            (batch.last,)).fetchone()
+            if rows >= next_rows or (oldest is not None and time.time() - oldest >= next_age):
+                return self._next_batch(batch.sink, next_rows)
+            return None
 
     def drop_oldest(self, sink: str) -> int:
         """Give up the sink's oldest undelivered page (on_full=drop_oldest); returns the rows dropped."""

@@ -27,7 +27,7 @@ import structlog
 from syncd.errors import RowsRefused, SchemaMismatch
 from syncd.events import COLUMNS
 from syncd.observability import Metrics
-from syncd.spool import Batch, Spool
+from syncd.spool import Batch, Spool, page_len, page_rows
 
 log = structlog.get_logger("syncd.sink")
 
@@ -121,8 +121,9 @@ class Drainer:
                     return
                 batch, started = self._batch, time.monotonic()
                 skipped, refused = await self._deliver(batch, meta=True)
-                await self.spool.run(self.spool.ack, batch)
                 self._batch = None
+                # the next batch, when one is due, comes with the ack (one transaction): `run` writes it at once
+                self._batch = await self.spool.run(self.spool.ack, batch, self.sink.batch_rows, self.sink.batch_age)
             except asyncio.CancelledError:
                 raise
             except SchemaMismatch as err:
@@ -173,8 +174,8 @@ class Drainer:
 
     async def _dead_letter(self, batch: Batch, err: RowsRefused) -> None:
         """The one refused row of `batch` becomes a dead letter (through the spool, so it survives a crash)."""
-        page = next(p for p in batch.pages if p.get("e"))
-        row = page["e"][0]
+        page = next(p for p in batch.pages if page_len(p))
+        row = page_rows(page)[0]
         reason = self.redact(f"{self.sink.name} refused the row: {err}")
         payload = {"src": page.get("src", ""), "vendor": page.get("vendor", ""), "stream": page.get("stream", ""),
                    "d": [[reason[:2000], safe_json(dict(zip(COLUMNS, row, strict=False))), self.sink.name]]}

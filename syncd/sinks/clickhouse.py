@@ -13,6 +13,7 @@ import os
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,7 +24,7 @@ from syncd.errors import RowsRefused, SchemaMismatch
 from syncd.events import COLUMNS, TS_MAX_MS, TS_MIN_MS
 from syncd.sinks.base import Sink
 from syncd.sinks.schema import fresh_schema, migrations, migrations_table
-from syncd.spool import Batch
+from syncd.spool import Batch, page_columns, page_len
 
 log = structlog.get_logger("syncd.clickhouse")
 
@@ -129,17 +130,16 @@ def _held_by_another_process(status_file: Path) -> bool:
         os.close(fd)
 
 
-def _partition_groups(rows: list[Any]) -> list[list[Any]]:
-    """Rows in groups touching at most PARTITIONS_PER_INSERT monthly partitions (one group in the usual case)."""
-    ts = COLUMNS.index("ts")
-    months = {_month(r[ts]) for r in rows}
-    if len(months) <= PARTITIONS_PER_INSERT:
-        return [rows] if rows else []
-    order = sorted(months)
+def _partition_groups(stamps: list[int]) -> list[list[int]]:
+    """Row indices in groups touching at most PARTITIONS_PER_INSERT monthly partitions (one group in the usual case)."""
+    months = [_month(t) for t in stamps]
+    order = sorted(set(months))
+    if len(order) <= PARTITIONS_PER_INSERT:
+        return [list(range(len(stamps)))] if stamps else []
     group_of = {m: i // PARTITIONS_PER_INSERT for i, m in enumerate(order)}
-    groups: list[list[Any]] = [[] for _ in range(group_of[order[-1]] + 1)]
-    for r in rows:
-        groups[group_of[_month(r[ts])]].append(r)
+    groups: list[list[int]] = [[] for _ in range(group_of[order[-1]] + 1)]
+    for i, m in enumerate(months):
+        groups[group_of[m]].append(i)
     return groups
 
 
@@ -243,21 +243,25 @@ class ClickHouseSink(Sink):
 
     def _write(self, batch: Batch) -> None:
         now_ms = int(time.time() * 1000)
-        rows = [r for page in batch.pages for r in page.get("e", ())]
-        ts = COLUMNS.index("ts")
-        stamps = [r[ts] for r in rows]
+        try:
+            per_page = [page_columns(p) for p in batch.pages if page_len(p)]
+        except ValueError as err:  # rows of the wrong length (a spool written by hand, or damaged)
+            raise RowsRefused(f"events: {err}") from err
+        columns = per_page[0] if len(per_page) == 1 else [list(chain.from_iterable(c[i] for c in per_page))
+                                                         for i in range(len(COLUMNS))] if per_page else []
+        stamps = columns[COLUMNS.index("ts")] if columns else []
         if not all(type(t) is int for t in stamps) or (stamps and not (
                 TS_MIN_MS <= min(stamps) and max(stamps) <= TS_MAX_MS)):
             # the engine stores an out-of-range DateTime64 without a word, then cannot read it back
             bad = next(t for t in stamps if not (type(t) is int and TS_MIN_MS <= t <= TS_MAX_MS))
             raise RowsRefused(f"events: ts {bad!r} is outside DateTime64(3) (1900-01-01..2299-12-31)")
         # rows spanning under (PARTITIONS_PER_INSERT - 2) × 28 days touch at most PARTITIONS_PER_INSERT months
-        one = bool(rows) and max(stamps) - min(stamps) < (PARTITIONS_PER_INSERT - 2) * 28 * 86_400_000
-        for i, group in enumerate([rows] if one else _partition_groups(rows)):
-            columns = [list(c) for c in zip(*group, strict=True)]
-            columns.append([now_ms] * len(group))
+        one = bool(stamps) and max(stamps) - min(stamps) < (PARTITIONS_PER_INSERT - 2) * 28 * 86_400_000
+        groups = [columns] if one else [[[c[i] for i in index] for c in columns] for index in _partition_groups(stamps)]
+        for i, group in enumerate(groups):
+            group = [*group, [now_ms] * len(group[0])]
             token = batch.token if i == 0 else f"{batch.token}/p{i}"
-            self._insert("events", columns, EVENT_COLUMNS, token, column_oriented=True)
+            self._insert("events", group, EVENT_COLUMNS, token, column_oriented=True)
         dead = [[now_ms, p["src"], p["vendor"], p["stream"], d[0], d[1], d[2] if len(d) > 2 else ""]
                 for p in batch.pages for d in p.get("d", ())]
         if dead:

@@ -52,7 +52,7 @@ from syncd.events import COLUMNS
 from syncd.mqtt_protocol import Connection, MqttError, Will
 from syncd.settings import MqttSettings
 from syncd.sinks.base import Sink
-from syncd.spool import Batch
+from syncd.spool import Batch, page_len, page_rows
 
 log = structlog.get_logger("syncd.mqtt")
 
@@ -215,7 +215,7 @@ class MqttSink(Sink):
         Connects first (while the broker is down nothing is built), then builds every message, raising
         RowsRefused before anything is published when a row cannot become one, then publishes.
         """
-        if not any(page.get("e") for page in batch.pages):
+        if not any(page_len(page) for page in batch.pages):
             return 0  # only dead letters or stream status: nothing for the bus, no need for the broker
         await self.open()
         assert self.client is not None
@@ -241,7 +241,7 @@ class MqttSink(Sink):
         skipped = 0
         for page in batch.pages:
             fetched_ms = int(page.get("at", self.clock()) * 1000)
-            for row in page.get("e", ()):
+            for row in page_rows(page):
                 if not isinstance(row, list | tuple) or len(row) != len(COLUMNS):
                     raise RowsRefused(f"row: must hold the {len(COLUMNS)} event columns (got {_excerpt(row)})")
                 ts = row[_TS]
