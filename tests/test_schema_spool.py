@@ -160,3 +160,47 @@ def test_a_fresh_store_gets_at_once_the_tables_every_migration_in_order_builds(t
     assert applied == versions == list(range(1, len(versions) + 1)) and again == []
     assert [t[0] for t in quick] == ["dead_letter", "events", "latest", "latest_mv", "sync_status"]
     assert quick == stepwise
+
+
+def test_column_pages_and_row_pages_read_alike_split_alike_and_survive_a_restart(tmp_path: Path) -> None:
+    from syncd.events import Columns
+    from syncd.spool import page_columns, page_len, page_rows
+
+    cols = Columns("s", "iotopen")
+    for i in range(5):
+        cols.append("log", "1", f"d{i % 2}", "m", 1_700_000_000_000 + i, i / 4, None, {"u": "C"})
+    rows = cols.rows()  # what a spool written before columns holds
+    spool = Spool(tmp_path / "state.db")
+    spool.register_sinks(["a", "b"])
+    spool.commit_page("s", "log/1", {"src": "s", "vendor": "iotopen", "stream": "log/1", "c": cols.spooled()}, {"n": 1})
+    spool.commit_page("s", "log/1", {"src": "s", "vendor": "iotopen", "stream": "log/1", "e": rows[:2]}, {"n": 2})
+    spool.commit_page("s", "log/1", {"src": "s", "vendor": "iotopen", "stream": "log/1", "c": []}, {"n": 3})  # nothing
+    fresh = spool.next_batch("a", 100)
+    assert fresh is not None and fresh.rows == 7 and [page_len(p) for p in fresh.pages] == [5, 2]
+    assert [r for p in fresh.pages for r in page_rows(p)] == rows + rows[:2]
+    assert [c for c in page_columns(fresh.pages[0])] == [list(c) for c in zip(*rows, strict=True)]
+    # a part across both kinds of page holds exactly the rows of its range, with its own token
+    part = fresh.part(3, 6)
+    assert [r for p in part.pages for r in page_rows(p)] == rows[3:5] + rows[:1] and part.rows == 3
+    assert part.token.endswith("/3-6")
+    assert spool.ack(fresh, 100, 0.0) is None  # nothing left to write
+    spool.close()
+    again = Spool(tmp_path / "state.db")  # after a restart the file is read: the same pages
+    from_file = again.next_batch("b", 100)
+    assert from_file is not None and [r for p in from_file.pages for r in page_rows(p)] == rows + rows[:2]
+
+
+def test_an_ack_brings_the_next_batch_only_when_one_is_due(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "state.db")
+    spool.register_sinks(["a"])
+    page = {"src": "s", "vendor": "v", "stream": "t", "e": [[1, "s", "v", "log", "1", "d", "m", 1, None, None, {}]]}
+    for n in range(3):
+        spool.commit_page("s", "t", dict(page), {"n": n})
+    first = spool.next_batch("a", 1)
+    assert first is not None and first.rows == 1
+    second = spool.ack(first, 1, 3600.0)  # one row waiting: a full batch is due
+    assert second is not None and second.first == first.last + 1 and second.rows == 1
+    assert spool.next_batch("a", 1) == second  # its range is recorded: a crash now re-sends the same batch
+    assert spool.ack(second, 5, 3600.0) is None  # one row waiting, five wanted, not old enough: not due yet
+    third = spool.next_batch("a", 5)
+    assert third is not None and third.rows == 1
