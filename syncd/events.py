@@ -118,6 +118,19 @@ class Columns:
         self.text.append(text)
         self.attrs.append(attrs)
 
+    def extend(self, kind: str, tenant: str, device: list[str], metric: list[str], ts: list[int],
+               value: list[float | None], text: list[str | None], attrs: list[dict[str, str]]) -> None:
+        """Rows given a column at a time (lists of one length), the kind and tenant once for all of them."""
+        n = len(ts)
+        self.kind += [kind] * n
+        self.tenant += [tenant] * n
+        self.device += device
+        self.metric += metric
+        self.ts += ts
+        self.value += value
+        self.text += text
+        self.attrs += attrs
+
     @classmethod
     def of(cls, source: str, vendor: str, events: list[Event]) -> Columns:
         cols = cls(source, vendor)

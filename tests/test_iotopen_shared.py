@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from pydantic import TypeAdapter
 
@@ -120,3 +121,57 @@ async def test_the_status_cursor_is_each_topics_last_timestamp_as_before(
     again = await fetch(source(sim, session), STATUS, page.cursor | {moved: latest[moved] - 1})
     assert [k[3] for k in keys(again)] == [moved] and again.cursor == page.cursor
     assert keys(await fetch(source(sim, session), STATUS, page.cursor)) == []
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["clean", "with_poison"])
+async def test_log_pages_read_a_column_at_a_time_are_what_entry_by_entry_reading_gives(
+        bad: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path (`_log_columns`) against the entry-by-entry one, over the same windows: every page's rows
+    (ids, values, texts, attrs), dead letters and cursor are equal, late values and the edge second included."""
+    import syncd.sources.iotopen as iotopen
+
+    sim = IotOpenSim(seed=83, clock=Clock(), installations=1, topics_per_installation=4, log_points=900,
+                     poison=list(POISONS) if bad else [], late_by=600, late_points=4)
+    runners = await start_sims([sim])
+    read_fast = iotopen._log_columns
+    taken: list[bool] = []
+
+    def counted(data: list[Any]) -> Any:
+        columns = read_fast(data)
+        taken.append(columns is not None)
+        return columns
+
+    async def windows(session: aiohttp.ClientSession) -> list[tuple[bytes, list[Any], Any]]:
+        """Three windows, 10 minutes apart (the late values become visible), read to the end."""
+        src, cursor, out = source(sim, session), None, []
+        start = sim.clock.now
+        for step in range(3):
+            sim.clock.now = start + 600 * step
+            while True:
+                page = await fetch(src, LOG, cursor)
+                rows = page.columns.rows() if page.columns is not None else [e.row() for e in page.events]
+                out.append((orjson.dumps(rows), page.dead, page.cursor))  # as spooled: 255.0 is not 255
+                cursor = page.cursor
+                if page.done:
+                    break
+        sim.clock.now = start
+        return out
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            monkeypatch.setattr(iotopen, "_log_columns", counted)
+            fast = await windows(session)
+            fast_taken = list(taken)
+            monkeypatch.setattr(iotopen, "_log_columns", lambda data: None)
+            slow = await windows(session)
+    finally:
+        for r in runners:
+            await r.cleanup()
+    assert fast == slow
+    stored = {(r[6], r[7]) for rows, _, _ in fast for r in orjson.loads(rows)}
+    truth = {(t.metric, t.ts_ms) for t in sim.ground_truth() if t.kind == "log"}
+    assert stored == truth
+    if bad:  # the pages holding a poisoned value go entry by entry, the others a column at a time
+        assert sum(1 for rows, dead, _ in fast if dead) == fast_taken.count(False) > 0 and True in fast_taken
+    else:
+        assert all(fast_taken) and len(fast_taken) == len(fast)

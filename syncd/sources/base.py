@@ -6,6 +6,7 @@ A source never writes, commits or sleeps for timing: the engine (scheduler, spoo
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import json
@@ -521,6 +522,15 @@ class LateTally:
     def recount(self, ts_ms: int) -> None:
         b = self.align(ts_ms)
         self.found[b] = self.found.get(b, 0) + 1
+
+    def add_all(self, stamps: Iterable[int], since_ms: int = 0, upto_ms: int = 0) -> None:
+        """`add` each stamp, or `recount` it when in [since_ms, upto_ms) (what a re-read covers)."""
+        size, stored, found = self.size, self.stored, self.found
+        for b, n in collections.Counter(t - t % size for t in stamps if not since_ms <= t < upto_ms).items():
+            stored[b] = stored.get(b, 0) + n
+        if since_ms < upto_ms:
+            for b, n in collections.Counter(t - t % size for t in stamps if since_ms <= t < upto_ms).items():
+                found[b] = found.get(b, 0) + n
 
     def settle(self, since_ms: int, upto_ms: int) -> int:
         """Late rows of a re-read of [since_ms, upto_ms) that has ended; the buckets it covered whole learn its counts."""

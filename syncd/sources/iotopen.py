@@ -35,7 +35,7 @@ from syncd.sources.base import (
     valid_all,
 )
 from syncd.sources.paging import OffsetPaginator
-from syncd.sources.times import seconds_to_ms
+from syncd.sources.times import seconds_to_ms, seconds_to_ms_all
 from syncd.sources.track import ChangeTracker
 
 # Values need ~5 s to show up after publishing [S]; read the log only up to now minus this.
@@ -79,6 +79,36 @@ def _entries(records: list[Any], dead: list[DeadLetter]) -> Iterator[tuple[LynxV
             dead.append(dead_letter(item, err))
             continue
         yield item, ts_ms, client
+
+
+def _log_columns(data: list[Any]) -> tuple[list[str], list[int], list[Any], list[Any], list[str | None]] | None:
+    """(topics, epoch ms, client ids, values, texts) of a log page read a column at a time, when every entry is what
+    `LynxValue` and `_entry` accept and keep as they are (an int value becomes the float pydantic makes of it);
+    None sends the page entry by entry, which names what is wrong. `tests/test_iotopen_shared.py` checks that both
+    give the same page."""
+    try:
+        topics = [r["topic"] for r in data]
+        stamps = [r["timestamp"] for r in data]
+        clients = [r.get("client_id") for r in data]
+        values = [r.get("value") for r in data]
+        msgs = [r.get("msg") for r in data]
+        installations = [r["installation_id"] for r in data]
+    except (TypeError, KeyError, AttributeError):
+        return None
+    if not (all(type(t) is str for t in topics) and all(type(i) is int for i in installations)
+            and all(m is None or type(m) is str for m in msgs)
+            and all(c is None or type(c) is int or (type(c) is float and math.isfinite(c)) for c in clients)
+            and all(v is None or type(v) is float or (type(v) is int and -_EXACT <= v <= _EXACT) for v in values)):
+        return None
+    try:
+        ms = seconds_to_ms_all(stamps)
+    except ValueError:
+        return None
+    values = [float(v) if type(v) is int else v for v in values]
+    return topics, ms, clients, values, [m or None for m in msgs]
+
+
+_EXACT = 2**53  # ints a float holds exactly (the fast path leaves bigger ones to pydantic)
 
 
 def _entry(item: LynxValue) -> tuple[int, int | float | None]:
@@ -253,23 +283,13 @@ class IotOpenSource(Source):
         edge_lo, edge_hi = to * 1000, (to + 1) * 1000
         dead: list[DeadLetter] = []
         b = PageBuilder(self)
-        add, labels = b.add, self._labels
-        for item, ts_ms, client in _entries(data, dead):
-            topic = item["topic"]
-            last_second = edge_lo <= ts_ms < edge_hi
-            if last_second or ts_ms in edge_ts:
-                key = f"{spoolable_text(topic)}@{ts_ms}"
-                if last_second:
-                    next_edge.add(key)  # the next window re-reads this second
-                if key in edge:
-                    continue  # read by the window before (the re-read boundary second)
-            found = labels.get((tenant, topic, client))
-            device, attrs = found if found is not None else self._labelled(tenant, topic, client)
-            add("log", tenant, device, topic, ts_ms, item.get("value"), item.get("msg") or None, attrs)
-            if since_ms <= ts_ms < upto_ms:
-                tally.recount(ts_ms)  # a re-read row: stored before, or late
-            else:
-                tally.add(ts_ms)
+        columns = _log_columns(data)
+        if columns is None:  # something in the page is off: entry by entry, each bad one a dead letter naming its field
+            entries = list(_entries(data, dead))
+            columns = ([e["topic"] for e, _, _ in entries], [ms for _, ms, _ in entries], [c for _, _, c in entries],
+                       [e.get("value") for e, _, _ in entries], [e.get("msg") or None for e, _, _ in entries])
+        self._log_page(b, tenant, columns, edge, edge_ts, next_edge, edge_lo, edge_hi)
+        tally.add_all(b.columns.ts, since_ms, upto_ms)  # a re-read row was stored before, or is late
         if not pager.has_next_page:
             late = tally.settle(since_ms, upto_ms) if reread else 0
             nxt = {**c, "from": to, "to": None, "pager": None, "hw": to, "edge": sorted(next_edge), "next_edge": [],
@@ -278,6 +298,28 @@ class IotOpenSource(Source):
         nxt = {**c, "pager": pager.state(), "next_edge": sorted(next_edge), "tally": tally.state(to * 1000)}
         covered = c["hw"] if c["hw"] is not None else frm
         return b.page(nxt, False, dead, max(0.0, now_s - covered))
+
+    def _log_page(self, b: PageBuilder, tenant: str, columns: tuple[list[Any], ...], edge: set[str],
+                  edge_ts: set[int], next_edge: set[str], edge_lo: int, edge_hi: int) -> None:
+        """A page's rows, given a column at a time, into `b`: rows in `to`'s second are the next window's edge (it
+        re-reads that second), rows the window before read as its edge are left out."""
+        topics, ms, clients, values, texts = columns
+        if ms and ((max(ms) >= edge_lo and min(ms) < edge_hi) or not edge_ts.isdisjoint(ms)):
+            keep = []
+            for i, (topic, ts_ms) in enumerate(zip(topics, ms, strict=True)):
+                last_second = edge_lo <= ts_ms < edge_hi
+                if last_second or ts_ms in edge_ts:  # a row's key is built only when it can be an edge row
+                    key = f"{spoolable_text(topic)}@{ts_ms}"
+                    if last_second:
+                        next_edge.add(key)
+                    if key in edge:
+                        continue
+                keep.append(i)
+            if len(keep) < len(ms):
+                topics, ms, clients, values, texts = ([c[i] for i in keep] for c in columns)
+        labels = self._labels
+        found = [labels.get((tenant, t, c)) or self._labelled(tenant, t, c) for t, c in zip(topics, clients, strict=True)]
+        b.columns.extend("log", tenant, [f[0] for f in found], topics, ms, values, texts, [f[1] for f in found])
 
     def _log_cursor(self, stream: Stream, cursor: dict[str, Any] | None, now_s: float, window_ms: int, limit: int
                     ) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from functools import lru_cache
@@ -71,6 +72,25 @@ def seconds_to_ms(seconds: Any) -> int:
     if ms > TS_MAX_MS:
         raise ValueError(f"epoch seconds {seconds!r} ({describe_ms(ms)}) are outside {TS_RANGE}"[:200])
     return ms
+
+
+def seconds_to_ms_all(values: Iterable[Any]) -> list[int]:
+    """`seconds_to_ms` of a whole column: the common float (far from a tie) and int inline, the rest through it
+    (which raises as it does)."""
+    out: list[int] = []
+    append = out.append
+    for s in values:
+        kind = type(s)
+        if kind is float and 0.0 <= s < 1e10:
+            scaled = s * 1000
+            if abs(scaled % 1 - 0.5) > 0.01:
+                append(round(scaled))
+                continue
+        elif kind is int and 0 <= s < 10**10:
+            append(s * 1000)
+            continue
+        append(seconds_to_ms(s))
+    return out
 
 
 def epoch_ms(value: Any, ms_above: float) -> int:
