@@ -128,8 +128,9 @@ class Daemon:
     # -- pieces the syncer calls back ---------------------------------------------------------------
 
     def _wake(self) -> None:
-        for d in self.drainers:
-            d.wake.set()
+        for d in self.drainers:  # only a drainer with a batch due; the others look again after batch_age / 4
+            if d.due():
+                d.wake.set()
         self.metrics.set("syncd_spool_bytes", self.spool.pending_bytes)
 
     async def _scrape_metrics(self) -> None:

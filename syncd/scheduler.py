@@ -371,7 +371,7 @@ class Syncer:
             payload["s"] = [self._status_row(state, source, stream, "", text, run.events + len(page), run.pages + 1,
                                              time.monotonic() - run.started, time.time())]
             run.status_spooled = True
-        await self.spool.run(self.spool.commit_page, source.name, stream.name, payload, page.cursor)
+        await self.spool.commit(source.name, stream.name, payload, page.cursor)
         if page.cursor is not None:
             self._cursors[(source.name, stream.name)] = orjson.dumps(page.cursor)
         self.wake()
@@ -420,7 +420,7 @@ class Syncer:
                                   state.last_success)
         payload = {"src": source.name, "vendor": source.vendor, "stream": stream.name, "s": [status]}
         try:
-            await asyncio.shield(self.spool.run(self.spool.commit_page, source.name, stream.name, payload, None))
+            await asyncio.shield(self.spool.commit(source.name, stream.name, payload, None))
         except Exception as err:  # status is best effort; the data pages are already safe
             log.warning("status.not_spooled", error=str(err))
         self.wake()

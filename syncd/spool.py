@@ -13,9 +13,11 @@ A page's events are columns, `c` (PAGE_COLUMNS; the source and vendor once, in `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import sqlite3
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -147,6 +149,15 @@ class Spool:
         # them without decoding what was just encoded. Only after a restart, or past FRESH_BYTES, is the file read.
         self._fresh: OrderedDict[int, tuple[float, int, dict[str, Any]]] = OrderedDict()
         self._fresh_bytes = 0
+        # Per sink, (rows, created of the oldest page) not delivered yet: `due` answers from memory, with no trip
+        # to the spool thread. Kept by commits and acks; counted from the file when the sinks are registered.
+        self._waiting: dict[str, tuple[int, float | None]] = {}
+        for (name,) in self._db.execute("SELECT name FROM sinks").fetchall():
+            self._waiting[name] = self._count_waiting(name)
+        # group commit (`commit`): pages queued for the spool thread, and whether it is draining the queue
+        self._queue: list[tuple[str, str, dict[str, Any], Any, asyncio.Future[int | None]]] = []
+        self._queue_lock = threading.Lock()
+        self._committing = False
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a spool method on the spool's own thread (SQLite fsyncs must not block the event loop)."""
@@ -172,35 +183,106 @@ class Spool:
         A dead letter already stored for the stream (same reason and payload: a re-read page) is left out;
         `payload["d"]` holds only the new ones afterwards.
         """
-        page_id, size, created = None, 0, time.time()
         with self._tx():
-            if payload.get("d"):
-                payload["d"] = [d for d in payload["d"] if self._first_sighting(source, stream, d)]
-            rows = page_len(payload)
-            if rows or payload.get("d") or payload.get("s"):
-                data = orjson.dumps(payload)
-                size = len(data)
-                cur = self._db.execute(
-                    "INSERT INTO pages (created, rows, bytes, source, stream, data) VALUES (?,?,?,?,?,?)",
-                    (created, rows, size, source, stream, data),
-                )
-                page_id = cur.lastrowid
-                self.pending_bytes += size
-            if payload.get("s"):  # the stream's last run, kept after the page is delivered: `syncd status` reads it
-                self._db.execute("INSERT INTO stream_status VALUES (?,?,?) ON CONFLICT(source, stream) DO UPDATE "
-                                 "SET status=excluded.status", (source, stream, orjson.dumps(payload["s"][-1]).decode()))
-            if cursor is not None:
-                self._db.execute(
-                    "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(source, stream) DO UPDATE "
-                    "SET cursor=excluded.cursor, updated=excluded.updated",
-                    (source, stream, orjson.dumps(cursor).decode(), time.time()),
-                )
-        # committed: from now on a drainer may have it. Past the budget the newest pages are not kept (the drainers
-        # take the oldest first, so those are the ones worth having in memory).
-        if page_id is not None and self._fresh_bytes + size <= FRESH_BYTES:
+            stored = self._store(source, stream, payload, cursor)
+        self._stored(stored, payload)
+        return stored[0]
+
+    async def commit(self, source: str, stream: str, payload: dict[str, Any], cursor: Any) -> int | None:
+        """`commit_page` from async code, with group commit: pages that come while the spool thread is busy wait
+        for it, then commit together in one transaction (one fsync). Each caller returns once its page and cursor
+        are durable, and one page's failure is its caller's alone (each page is a savepoint)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int | None] = loop.create_future()
+        with self._queue_lock:
+            self._queue.append((source, stream, payload, cursor, done))
+            start, self._committing = not self._committing, True
+        if start:
+            loop.run_in_executor(self._executor, self._commit_queued, loop)
+        return await done
+
+    def _commit_queued(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the spool thread: commit what is queued, group by group, until the queue is empty."""
+        while True:
+            with self._queue_lock:
+                items, self._queue = self._queue, []
+                if not items:
+                    self._committing = False
+                    return
+            results: list[Any]
+            try:
+                results = self._commit_group(items)
+            except BaseException as err:  # noqa: BLE001 - the transaction failed: every caller of the group hears it
+                results = [err] * len(items)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle, [item[4] for item in items], results)
+
+    def _commit_group(self, items: list[tuple[str, str, dict[str, Any], Any, Any]]) -> list[Any]:
+        results: list[Any] = []
+        stored = []
+        with self._tx():
+            for source, stream, payload, cursor, _ in items:
+                self._db.execute("SAVEPOINT page")
+                try:
+                    stored.append((self._store(source, stream, payload, cursor), payload))
+                    results.append(stored[-1][0][0])
+                except Exception as err:  # noqa: BLE001 - this page's caller gets the error, the others commit
+                    self._db.execute("ROLLBACK TO page")
+                    results.append(err)
+                self._db.execute("RELEASE page")
+        for one, payload in stored:
+            self._stored(one, payload)
+        return results
+
+    def _store(self, source: str, stream: str, payload: dict[str, Any], cursor: Any) -> tuple[int | None, float, int, int]:
+        """Inside a transaction: the page (if it holds anything), its status row and the cursor.
+        Returns (page id, created, bytes, rows)."""
+        page_id, size, rows, created = None, 0, 0, time.time()
+        if payload.get("d"):
+            payload["d"] = [d for d in payload["d"] if self._first_sighting(source, stream, d)]
+        rows = page_len(payload)
+        if rows or payload.get("d") or payload.get("s"):
+            data = orjson.dumps(payload)
+            size = len(data)
+            cur = self._db.execute(
+                "INSERT INTO pages (created, rows, bytes, source, stream, data) VALUES (?,?,?,?,?,?)",
+                (created, rows, size, source, stream, data),
+            )
+            page_id = cur.lastrowid
+        if payload.get("s"):  # the stream's last run, kept after the page is delivered: `syncd status` reads it
+            self._db.execute("INSERT INTO stream_status VALUES (?,?,?) ON CONFLICT(source, stream) DO UPDATE "
+                             "SET status=excluded.status", (source, stream, orjson.dumps(payload["s"][-1]).decode()))
+        if cursor is not None:
+            self._db.execute(
+                "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(source, stream) DO UPDATE "
+                "SET cursor=excluded.cursor, updated=excluded.updated",
+                (source, stream, orjson.dumps(cursor).decode(), time.time()),
+            )
+        return page_id, created, size, rows
+
+    def _stored(self, stored: tuple[int | None, float, int, int], payload: dict[str, Any]) -> None:
+        """After the commit: from now on a drainer may have the page. Past the budget the newest pages are not kept
+        in memory (the drainers take the oldest first, so those are the ones worth having)."""
+        page_id, created, size, rows = stored
+        if page_id is None:
+            return
+        self.pending_bytes += size
+        for sink, (waiting, oldest) in list(self._waiting.items()):
+            self._waiting[sink] = (waiting + rows, created if oldest is None else oldest)
+        if self._fresh_bytes + size <= FRESH_BYTES:
             self._fresh[page_id] = (created, size, dict(payload))
             self._fresh_bytes += size
-        return page_id
+
+    def due(self, sink: str, max_rows: int, max_age: float) -> bool:
+        """Whether the sink has a batch to write: `max_rows` rows waiting, or a page older than `max_age` seconds.
+        From memory: safe to ask from the event loop."""
+        rows, oldest = self._waiting.get(sink, (0, None))
+        return rows >= max_rows or (oldest is not None and time.time() - oldest >= max_age)
+
+    def _count_waiting(self, sink: str) -> tuple[int, float | None]:
+        rows, oldest = self._db.execute("SELECT COALESCE(SUM(rows), 0), MIN(created) FROM pages WHERE id > ?",
+                                        (self._delivered(sink),)).fetchone()
+        return int(rows), oldest
 
     def _first_sighting(self, source: str, stream: str, letter: list[Any]) -> bool:
         digest = hashlib.blake2b("\x1f".join(str(x) for x in letter).encode("utf-8", "backslashreplace"), digest_size=8)
@@ -234,6 +316,7 @@ class Spool:
             marks = ",".join("?" for _ in names) or "''"
             self._db.execute(f"DELETE FROM sinks WHERE name NOT IN ({marks})", names)
             self._collect()
+        self._waiting = {name: self._count_waiting(name) for name in names}
 
     def sink_names(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT name FROM sinks ORDER BY name")]
@@ -307,11 +390,13 @@ class Spool:
                 (batch.last, batch.sink),
             )
             self._collect()
-            if not next_rows:
-                return None
-            rows, oldest = self._db.execute("SELECT COALESCE(SUM(rows), 0), MIN(created) FROM pages WHERE id > ?",
-                                            (batch.last,)).fetchone()
-            if rows >= next_rows or (oldest is not None and time.time() - oldest >= next_age):
+            waiting = self._waiting.get(batch.sink, (0, None))[0] - batch.rows
+            oldest = self._db.execute("SELECT created FROM pages WHERE id > ? ORDER BY id LIMIT 1", (batch.last,)).fetchone()
+            if oldest is None or waiting < 0:  # nothing left, or a count that went wrong: count again
+                self._waiting[batch.sink] = self._count_waiting(batch.sink)
+            else:
+                self._waiting[batch.sink] = (waiting, oldest[0])
+            if next_rows and self.due(batch.sink, next_rows, next_age):
                 return self._next_batch(batch.sink, next_rows)
             return None
 
@@ -328,6 +413,7 @@ class Spool:
                 (row[0], row[1], sink),
             )
             self._collect()
+            self._waiting[sink] = self._count_waiting(sink)
         return int(row[1])
 
     def laggards(self) -> list[str]:
@@ -351,6 +437,16 @@ class Spool:
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
+
+
+def _settle(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
+    for future, result in zip(futures, results, strict=True):
+        if future.done():  # its caller was cancelled: the page is committed all the same
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 class _Transaction:

@@ -78,7 +78,7 @@ class Drainer:
     async def run(self, stop: asyncio.Event) -> None:
         """Drain until `stop` is set (then return; flush() empties what is left)."""
         while not stop.is_set():
-            if self._batch is None and not await self._ready_to_write():
+            if self._batch is None and not self.due():
                 await self._wait(stop)
                 continue
             await self.step(stop)
@@ -224,9 +224,9 @@ class Drainer:
         except Exception as err:  # noqa: BLE001 - the state file may be what failed; the log line still tells
             log.warning("sink.health_not_saved", sink=self.sink.name, error=str(err))
 
-    async def _ready_to_write(self) -> bool:
-        rows, age = await self.spool.run(self.spool.backlog, self.sink.name)
-        return rows >= self.sink.batch_rows or (age is not None and age >= self.sink.batch_age)
+    def due(self) -> bool:
+        """A batch is waiting: `batch_rows` rows, or a page older than `batch_age` (asked from memory)."""
+        return self.spool.due(self.sink.name, self.sink.batch_rows, self.sink.batch_age)
 
     async def _wait(self, stop: asyncio.Event) -> None:
         self.wake.clear()
