@@ -235,6 +235,10 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=60.0)
     parser.add_argument("--profile", default="", help="py-spy raw output file (20 s, --gil, in the steady window)")
     parser.add_argument("--keep", default="")
+    parser.add_argument("--store", choices=("embedded", "server"), default="embedded",
+                        help="embedded: chdb in the daemon (the default target); server: a ClickHouse HTTP server in "
+                             "its own process (tests/chhttp.py, on the embedded engine), as a plant running 10,000 "
+                             "streams would have")
     args = parser.parse_args()
 
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_streams."))
@@ -244,7 +248,15 @@ def main() -> None:
     sim = start_sim(args, tmp / "sim.toml", tmp / "sim.log")
     sim_ready_s = time.perf_counter() - t0
     port = free_port()
-    cfg.write_text(daemon_config((tmp / "sim.toml").read_text(), tmp / "data", f"127.0.0.1:{port}", args.interval))
+    server = None
+    text = daemon_config((tmp / "sim.toml").read_text(), tmp / "data", f"127.0.0.1:{port}", args.interval)
+    if args.store == "server":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.chhttp import ClickHouseHttp
+
+        server = ClickHouseHttp(tmp / "server").start()
+        text = f'[clickhouse]\ndsn = "{server.dsn}"\n\n' + text
+    cfg.write_text(text)
     cfg.chmod(0o600)  # it holds the simulator's key
     daemon = subprocess.Popen([sys.executable, "-c", PROBE, str(cfg), str(probe)], stdout=subprocess.DEVNULL,
                               stderr=log.open("w"))
@@ -287,6 +299,8 @@ def main() -> None:
             daemon.kill()
         sim.send_signal(signal.SIGTERM)
         sim.wait(timeout=30)
+        if server is not None:
+            server.stop()
 
     report(args, samples, finished_runs(log), probe, metrics, started, stopped, sim_ready_s)
     if len(threads) == 2:
@@ -358,7 +372,8 @@ def report(args: argparse.Namespace, samples: list[Sample], all_runs: list[Run],
     loads = [s.load1 for s in samples if s.at >= first_run]
 
     print(f"streams: {streams} ({args.installations} installations x status+log), interval {args.interval:g} s, "
-          f"embedded ClickHouse; ran {(stopped - first_run) / 60:.1f} min after discovery "
+          f"{'embedded ClickHouse (in the daemon)' if args.store == 'embedded' else 'ClickHouse server (own process)'}; "
+          f"ran {(stopped - first_run) / 60:.1f} min after discovery "
           f"(discovery {first_run - started:.0f} s, simulator ready in {sim_ready_s:.0f} s)")
     print(f"runs: {len(runs)} finished, {sum(not r.ok for r in runs)} failed, {skipped} skipped "
           f"(previous run still going), {len(firsts)} streams ran at least once; "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -242,7 +244,8 @@ async def serve_http(address: str, metrics: Metrics, ready: Callable[[], tuple[b
 def configure_logging(fmt: str = "auto", secrets: list[str] | None = None, level: int = logging.INFO) -> None:
     """structlog once per process: JSON when stderr is not a TTY (or asked), console otherwise; secrets masked."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
+    renderer: Any = structlog.processors.JSONRenderer(serializer=_json_line) if use_json \
+        else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -269,6 +272,15 @@ def configure_logging(fmt: str = "auto", secrets: list[str] | None = None, level
     # "skipped: maximum number of running instances" is the design (one run per stream at a time), not news;
     # a stream that cannot keep up shows in syncd_stream_lag_seconds instead.
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+
+
+def _json_line(event: Any, **kw: Any) -> str:
+    """A log line as JSON, by orjson (a line per stream run: the fast path counts); what it refuses (a lone
+    surrogate, an int past 64 bits) goes through the standard library."""
+    try:
+        return orjson.dumps(event, default=kw.get("default"), option=orjson.OPT_NON_STR_KEYS).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(event, **kw)
 
 
 def redactor(secrets: list[str]) -> Callable[[str], str]:
