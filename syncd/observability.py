@@ -110,6 +110,7 @@ class Metrics:
             name: {} for name, f in FAMILIES.items() if f.type == "gauge" and "stream" in f.labels}
         self._families: dict[str, Any] = {name: _metric(name, f) for name, f in FAMILIES.items()
                                           if name not in self._plain}
+        self._children: dict[tuple[Any, ...], Any] = {}  # (name, *label items) -> its series
         self._on_scrape: list[Callable[[], Awaitable[None]]] = []
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(self._families, self._plain))
@@ -158,11 +159,15 @@ class Metrics:
         return generate_latest(self.registry).decode()
 
     def _series(self, name: str, labels: dict[str, str]) -> Any:
-        try:
-            metric = self._families[name]
-        except KeyError:
-            raise KeyError(f"metric {name!r} is not declared in syncd.observability.FAMILIES") from None
-        return metric.labels(**labels) if labels else metric
+        key = (name, *labels.items())
+        series = self._children.get(key)
+        if series is None:  # prometheus-client checks the labels once; a run then finds its series in one lookup
+            try:
+                metric = self._families[name]
+            except KeyError:
+                raise KeyError(f"metric {name!r} is not declared in syncd.observability.FAMILIES") from None
+            series = self._children[key] = metric.labels(**labels) if labels else metric
+        return series
 
     def _samples(self, name: str) -> Iterator[Any]:
         if name in self._plain:

@@ -27,6 +27,20 @@ print(json.dumps(out, default=str))
 """
 
 
+def logged(text: str, event: str, **fields: Any) -> bool:
+    """Whether the JSON log `text` (a daemon's stderr) has a line for `event` with these field values."""
+    for line in text.splitlines():
+        if f'"{event}"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
+            return True
+    return False
+
+
 def write_config(tmp: Path, sims: list[VendorSim], extra: str = "") -> Path:
     data = tmp / "data"
     path = tmp / "syncd.toml"

@@ -12,7 +12,18 @@ from pathlib import Path
 from syncd.sim.common import sims_in_thread
 from syncd.sim.iotopen import IotOpenSim
 from tests.conftest import free_port
-from tests.helpers import ch, once_twice, popen_syncd, status_row, stored_keys, syncd, syncd_status, truth_keys, write_config
+from tests.helpers import (
+    ch,
+    logged,
+    once_twice,
+    popen_syncd,
+    status_row,
+    stored_keys,
+    syncd,
+    syncd_status,
+    truth_keys,
+    write_config,
+)
 
 
 def test_once_stores_ground_truth_then_adds_nothing(tmp_path: Path) -> None:
@@ -138,7 +149,7 @@ def test_sigterm_stops_cleanly_and_flushes(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, err[-3000:]
-    assert '"syncd.stopped"' in err and '"flushed": true' in err
+    assert logged(err, "syncd.stopped", flushed=True)
     # whatever was fetched before the stop is in ClickHouse, and the spool is empty
     (spooled,) = ch(tmp_path / "data", "SELECT count() FROM syncd.events")
     status = syncd_status(cfg)

@@ -19,7 +19,7 @@ from syncd.sim.common import sims_in_thread
 from syncd.sim.navixy import EP_MQTT, STAGING_TOPIC, NavixySim
 from syncd.sources.navixy import NavixySource
 from tests.conftest import free_port
-from tests.helpers import ch, popen_syncd, stored_keys, syncd, truth_keys, write_config
+from tests.helpers import ch, logged, popen_syncd, stored_keys, syncd, truth_keys, write_config
 from tests.mqtt_helpers import metrics
 
 
@@ -132,7 +132,7 @@ def test_push_stream_reconnects_after_a_broker_restart_and_stops_on_sigterm(tmp_
                 proc.wait(timeout=60)
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]
-    assert '"stream.recovered"' in text and '"flushed": true' in text
+    assert '"stream.recovered"' in text and logged(text, "syncd.stopped", flushed=True)
     assert stored_keys(tmp_path / "data", "navixy").keys() == truth_keys(sim).keys()
 
 
