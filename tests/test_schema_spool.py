@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from syncd.spool import Spool
 from tests.helpers import syncd
@@ -204,3 +205,42 @@ def test_an_ack_brings_the_next_batch_only_when_one_is_due(tmp_path: Path) -> No
     assert spool.ack(second, 5, 3600.0) is None  # one row waiting, five wanted, not old enough: not due yet
     third = spool.next_batch("a", 5)
     assert third is not None and third.rows == 1
+
+
+async def test_pages_committed_together_each_return_when_durable_and_a_bad_one_fails_alone(tmp_path: Path) -> None:
+    """Group commit: 60 streams commit at once; they share transactions (fewer groups than pages), every page and
+    cursor is in the file when its caller returns, and the one page that cannot be stored fails its caller only."""
+    import asyncio
+
+    spool = Spool(tmp_path / "state.db")
+    spool.register_sinks(["a"])
+    groups: list[int] = []
+    commit_group = spool._commit_group
+
+    def counted(items: list[Any]) -> list[Any]:
+        groups.append(len(items))
+        return commit_group(items)
+
+    spool._commit_group = counted  # type: ignore[method-assign]
+
+    async def one(n: int) -> int | None:
+        rows = [[n, "s", "v", "log", "1", "d", "m", 1_700_000_000_000 + n, None, None, {}]]
+        if n == 13:
+            rows[0][10] = {1j}  # no JSON for it: this page cannot be stored
+        page_id = await spool.commit("s", f"log/{n}", {"src": "s", "vendor": "v", "stream": f"log/{n}", "e": rows},
+                                     {"n": n})
+        assert spool.get_cursor("s", f"log/{n}") == {"n": n}  # durable (and visible) before the caller goes on
+        return page_id
+
+    results = await asyncio.gather(*(one(n) for n in range(60)), return_exceptions=True)
+    assert isinstance(results[13], TypeError)
+    ids = [r for i, r in enumerate(results) if i != 13]
+    assert len(set(ids)) == 59 and all(isinstance(i, int) for i in ids)
+    assert sum(groups) == 60 and len(groups) < 60
+    assert spool.get_cursor("s", "log/13") is None  # its cursor did not move without its page
+    batch = spool.next_batch("a", 1000)
+    assert batch is not None and batch.rows == 59
+    assert spool.due("a", 59, 3600.0) and not spool.due("a", 60, 3600.0)
+    spool.ack(batch)
+    assert not spool.due("a", 1, 0.0)
+    spool.close()
