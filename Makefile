@@ -38,6 +38,7 @@ bench: $(STAMP) mosquitto  ## every figure beside its target, about 12 minutes
 	$(BIN)/python bench/bench_iotopen.py
 	$(BIN)/python bench/bench_budget.py
 	$(BIN)/python bench/bench_streams.py --minutes 3
+	$(BIN)/python bench/bench_streams.py --minutes 2 --store server
 	$(BIN)/python bench/bench_mqtt.py
 	$(BIN)/python bench/bench_startup.py
 	$(BIN)/python bench/bench_normalize.py --base 0782be0

@@ -280,7 +280,7 @@ def main() -> None:
             if not threads and time.time() >= first + STEADY_AFTER_S:
                 threads.append((time.time(), thread_cpu(daemon.pid)))
             if args.profile and profiler is None and time.time() >= profile_at:
-                profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "-d", "20", "-p",
+                profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "-r", "500", "-d", "20", "-p",
                                              str(daemon.pid), "-f", "raw", "-o", args.profile],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(max(0.0, 1.0 - (time.time() - samples[-1].at)))

@@ -80,7 +80,7 @@ def page_columns(page: dict[str, Any]) -> list[list[Any]]:
     columns = page.get("c")
     if columns:
         n = len(columns[0])
-        if len(columns) != len(PAGE_COLUMNS) or any(len(c) != n for c in columns):
+        if len(columns) != len(PAGE_COLUMNS) or len(set(map(len, columns))) != 1:
             raise ValueError(f"page columns: {len(PAGE_COLUMNS)} of {n} values each expected")
         return [columns[0], [page["src"]] * n, [page["vendor"]] * n, *columns[1:]]
     rows = page.get("e", ())
