@@ -198,7 +198,12 @@ class Spool:
             self._queue.append((source, stream, payload, cursor, done))
             start, self._committing = not self._committing, True
         if start:
-            loop.run_in_executor(self._executor, self._commit_queued, loop)
+            try:
+                loop.run_in_executor(self._executor, self._commit_queued, loop)
+            except RuntimeError as err:  # the spool is closed: what is queued can never commit, say so
+                with self._queue_lock:
+                    items, self._queue, self._committing = self._queue, [], False
+                _settle([item[4] for item in items], [err] * len(items))
         return await done
 
     def _commit_queued(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from syncd.spool import Spool
 from tests.helpers import syncd
 
@@ -244,3 +246,5 @@ async def test_pages_committed_together_each_return_when_durable_and_a_bad_one_f
     spool.ack(batch)
     assert not spool.due("a", 1, 0.0)
     spool.close()
+    with pytest.raises(RuntimeError):  # a closed spool refuses at once, it does not leave the caller waiting
+        await asyncio.wait_for(spool.commit("s", "log/x", {"src": "s", "vendor": "v", "stream": "log/x"}, {"n": 1}), 5)
