@@ -207,20 +207,28 @@ class Spool:
         return await done
 
     def _commit_queued(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On the spool thread: commit what is queued, group by group, until the queue is empty."""
-        while True:
-            with self._queue_lock:
-                items, self._queue = self._queue, []
-                if not items:
-                    self._committing = False
-                    return
-            results: list[Any]
+        """On the spool thread: commit what is queued as one group. What comes meanwhile is the next group, queued
+        behind the spool work already waiting (a drainer's ack is never starved by a stream of commits)."""
+        with self._queue_lock:
+            items, self._queue = self._queue, []
+        results: list[Any]
+        try:
+            results = self._commit_group(items)
+        except BaseException as err:  # noqa: BLE001 - the transaction failed: every caller of the group hears it
+            results = [err] * len(items)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_settle, [item[4] for item in items], results)
+        with self._queue_lock:
+            more = bool(self._queue)
+            self._committing = more
+        if more:
             try:
-                results = self._commit_group(items)
-            except BaseException as err:  # noqa: BLE001 - the transaction failed: every caller of the group hears it
-                results = [err] * len(items)
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-                loop.call_soon_threadsafe(_settle, [item[4] for item in items], results)
+                self._executor.submit(self._commit_queued, loop)
+            except RuntimeError as err:  # shut down meanwhile
+                with self._queue_lock:
+                    items, self._queue, self._committing = self._queue, [], False
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_settle, [item[4] for item in items], [err] * len(items))
 
     def _commit_group(self, items: list[tuple[str, str, dict[str, Any], Any, Any]]) -> list[Any]:
         results: list[Any] = []
