@@ -198,13 +198,19 @@ class Spool:
             self._queue.append((source, stream, payload, cursor, done))
             start, self._committing = not self._committing, True
         if start:
-            try:
-                loop.run_in_executor(self._executor, self._commit_queued, loop)
-            except RuntimeError as err:  # the spool is closed: what is queued can never commit, say so
-                with self._queue_lock:
-                    items, self._queue, self._committing = self._queue, [], False
-                _settle([item[4] for item in items], [err] * len(items))
+            self._next_group(loop)
         return await done
+
+    def _next_group(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand the queue's next group to the spool thread; when the spool is closed, what is queued can never
+        commit and its callers hear so at once."""
+        try:
+            self._executor.submit(self._commit_queued, loop)
+        except RuntimeError as err:
+            with self._queue_lock:
+                items, self._queue, self._committing = self._queue, [], False
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle, [item[4] for item in items], [err] * len(items))
 
     def _commit_queued(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the spool thread: commit what is queued as one group. What comes meanwhile is the next group, queued
@@ -222,13 +228,7 @@ class Spool:
             more = bool(self._queue)
             self._committing = more
         if more:
-            try:
-                self._executor.submit(self._commit_queued, loop)
-            except RuntimeError as err:  # shut down meanwhile
-                with self._queue_lock:
-                    items, self._queue, self._committing = self._queue, [], False
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_settle, [item[4] for item in items], [err] * len(items))
+            self._next_group(loop)
 
     def _commit_group(self, items: list[tuple[str, str, dict[str, Any], Any, Any]]) -> list[Any]:
         results: list[Any] = []
@@ -336,11 +336,8 @@ class Spool:
 
     def backlog(self, sink: str) -> tuple[int, float | None]:
         """(rows waiting, age in seconds of the oldest waiting page) for one sink."""
-        delivered = self._delivered(sink)
-        rows, oldest = self._db.execute(
-            "SELECT COALESCE(SUM(rows), 0), MIN(created) FROM pages WHERE id > ?", (delivered,)
-        ).fetchone()
-        return int(rows), (time.time() - oldest) if oldest is not None else None
+        rows, oldest = self._count_waiting(sink)
+        return rows, (time.time() - oldest) if oldest is not None else None
 
     def backlogs(self) -> dict[str, tuple[int, int, float | None]]:
         """Per sink: (rows, bytes, age in seconds of the oldest page) it has not delivered yet, in one query."""

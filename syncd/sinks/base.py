@@ -121,7 +121,6 @@ class Drainer:
                     return
                 batch, started = self._batch, time.monotonic()
                 skipped, refused = await self._deliver(batch, meta=True)
-                self._batch = None
                 # the next batch, when one is due, comes with the ack (one transaction): `run` writes it at once
                 self._batch = await self.spool.run(self.spool.ack, batch, self.sink.batch_rows, self.sink.batch_age)
             except asyncio.CancelledError:

@@ -247,9 +247,8 @@ class ClickHouseSink(Sink):
             per_page = [page_columns(p) for p in batch.pages if page_len(p)]
         except ValueError as err:  # rows of the wrong length (a spool written by hand, or damaged)
             raise RowsRefused(f"events: {err}") from err
-        columns = per_page[0] if len(per_page) == 1 else [list(chain.from_iterable(c[i] for c in per_page))
-                                                         for i in range(len(COLUMNS))] if per_page else []
-        stamps = columns[COLUMNS.index("ts")] if columns else []
+        columns = [list(chain.from_iterable(c[i] for c in per_page)) for i in range(len(COLUMNS))]
+        stamps = columns[COLUMNS.index("ts")]
         if not all(type(t) is int for t in stamps) or (stamps and not (
                 TS_MIN_MS <= min(stamps) and max(stamps) <= TS_MAX_MS)):
             # the engine stores an out-of-range DateTime64 without a word, then cannot read it back
