@@ -9,6 +9,7 @@ import pytest
 
 from syncd.sim.broker import LocalMosquitto as Mosquitto
 from syncd.sim.broker import free_port
+from tests.chhttp import ClickHouseHttp
 
 __all__ = ["Mosquitto", "free_port"]
 
@@ -21,3 +22,13 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ClickHouseHttp]:
+    """A ClickHouse HTTP server (tests/chhttp.py) in its own process, stopped after the test."""
+    srv = ClickHouseHttp(tmp_path / "chserver").start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -15,7 +15,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,6 @@ from tests.helpers import ch, logged, popen_syncd, status_row, syncd, syncd_stat
 from tests.mqtt_helpers import metrics, wait_for
 
 OUTAGE_S = float(os.environ.get("SYNCD_CH_OUTAGE_S", "20"))
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ClickHouseHttp]:
-    srv = ClickHouseHttp(tmp_path / "chserver").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def _with_database(srv: ClickHouseHttp) -> ClickHouseHttp:

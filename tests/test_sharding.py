@@ -16,12 +16,10 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from syncd.scheduler import RESUME_OVERLAP_S, in_shard
@@ -70,15 +68,6 @@ class Replica:
 
     def resumed(self) -> set[str]:
         return {e["stream"] for e in self.lines if e.get("event") == "stream.resumed_from_sink"}
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ClickHouseHttp]:
-    srv = ClickHouseHttp(tmp_path / "chserver").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def _q(srv: ClickHouseHttp, sql: str) -> list[tuple[Any, ...]]:
