@@ -22,6 +22,7 @@ import structlog
 
 from syncd.errors import RowsRefused, SchemaMismatch
 from syncd.events import COLUMNS, TS_MAX_MS, TS_MIN_MS
+from syncd.sinks import engine_pages
 from syncd.sinks.base import Sink
 from syncd.sinks.schema import fresh_schema, migrations, migrations_table
 from syncd.spool import Batch, page_columns, page_len
@@ -187,6 +188,9 @@ class ClickHouseSink(Sink):
             self.client = connect(self.dsn, self.database)
         applied = self.migrate()
         self._migrated = True
+        if self.dsn.startswith("chdb://"):
+            released = engine_pages.release()
+            log.info("clickhouse.engine_pages_released", mb=released >> 20)
         return applied
 
     def migrate(self) -> list[int]:
