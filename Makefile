@@ -34,11 +34,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check syncd tests bench
 	$(BIN)/mypy syncd
 
-bench: $(STAMP) mosquitto  ## every figure beside its target, about 12 minutes
+bench: $(STAMP) mosquitto  ## every figure beside its target, about 13 minutes
 	$(BIN)/python bench/bench_iotopen.py
 	$(BIN)/python bench/bench_budget.py
-	$(BIN)/python bench/bench_streams.py --minutes 3
-	$(BIN)/python bench/bench_streams.py --minutes 2 --store server
+	$(BIN)/python bench/bench_streams.py --minutes 2.5
+	$(BIN)/python bench/bench_streams.py --minutes 1.5 --store server
+	$(BIN)/python bench/bench_streams.py --minutes 1.5 --daemon floor-apscheduler
 	$(BIN)/python bench/bench_mqtt.py
 	$(BIN)/python bench/bench_startup.py
 	$(BIN)/python bench/bench_normalize.py --base 0782be0

@@ -20,6 +20,9 @@ Usage: python bench/bench_streams.py [--minutes 3] [--installations 5000] [--int
        [--profile OUT]   py-spy record --gil (raw, 20 s: Python on CPU) of the daemon in its steady window, to OUT
                          (perturbs the figures)
        [--keep DIR]      keep config, data dir, daemon log and probe file in DIR
+       [--daemon floor-apscheduler|floor-asyncio]
+                         instead of syncd, bench/floor_poller.py: the same GETs on the same phases and nothing else
+                         (with APScheduler jobs, or plain asyncio timers): the floor under CPU per run
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ STEADY_AFTER_S = 70.0  # past the first runs' minute (and their larger first rea
 BUCKET_S = 5.0
 TICK = os.sysconf("SC_CLK_TCK")
 
+FLOORS = {"floor-apscheduler": "apscheduler", "floor-asyncio": "asyncio"}  # --daemon: floor_poller.py --timers
 TARGETS = {"rss": 400.0, "delay": 1.0, "duration": 10.0, "spread": 2.0, "cpu": 0.5}
 
 # Runs the daemon exactly as `python -m syncd run --config CFG`, with a probe on APScheduler's coroutine runner:
@@ -77,8 +81,12 @@ def counted(self, job, run_times):
         out.write(f"K\t{job.id}\t{run_times[-1].timestamp():.6f}\t{time.time():.6f}\n")
         raise
 ax.run_coroutine_job, ax.AsyncIOExecutor.submit_job = probed, counted
-sys.argv = ["syncd", "run", "--config", sys.argv[1]]
-runpy.run_module("syncd", run_name="__main__", alter_sys=True)
+if len(sys.argv) > 3:  # a reference poller instead of syncd (bench/floor_poller.py and its arguments)
+    sys.argv = sys.argv[3:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+else:
+    sys.argv = ["syncd", "run", "--config", sys.argv[1]]
+    runpy.run_module("syncd", run_name="__main__", alter_sys=True)
 '''
 
 
@@ -239,6 +247,9 @@ def main() -> None:
                         help="embedded: chdb in the daemon (the default target); server: a ClickHouse HTTP server in "
                              "its own process (tests/chhttp.py, on the embedded engine), as a plant running 10,000 "
                              "streams would have")
+    parser.add_argument("--daemon", choices=("syncd", *FLOORS), default="syncd",
+                        help="syncd, or a reference poller doing only the runs' requests (bench/floor_poller.py) with "
+                             "APScheduler jobs or plain asyncio timers: the floor under CPU per run")
     args = parser.parse_args()
 
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_streams."))
@@ -258,7 +269,9 @@ def main() -> None:
         text = f'[clickhouse]\ndsn = "{server.dsn}"\n\n' + text
     cfg.write_text(text)
     cfg.chmod(0o600)  # it holds the simulator's key
-    daemon = subprocess.Popen([sys.executable, "-c", PROBE, str(cfg), str(probe)], stdout=subprocess.DEVNULL,
+    floor = [str(Path(__file__).with_name("floor_poller.py")), str(tmp / "sim.toml"), f"{args.interval:g}",
+             "--timers", FLOORS[args.daemon]] if args.daemon in FLOORS else []
+    daemon = subprocess.Popen([sys.executable, "-c", PROBE, str(cfg), str(probe), *floor], stdout=subprocess.DEVNULL,
                               stderr=log.open("w"))
     started = time.time()
     samples: list[Sample] = []
@@ -371,6 +384,11 @@ def report(args: argparse.Namespace, samples: list[Sample], all_runs: list[Run],
         daemon_cpu = (b.cpu_s - a.cpu_s) / (b.at - a.at) * 100
     loads = [s.load1 for s in samples if s.at >= first_run]
 
+    if args.daemon in FLOORS:  # a reference: only what it costs
+        print(f"{args.daemon} (bench/floor_poller.py, the runs' GETs and nothing else): CPU per run "
+              f"{cpu_per_run:.3f} ms [{steady_runs} runs in the steady window, {daemon_cpu:.0f}% of a core], "
+              f"RSS max {rss_max:.1f} MB, {len(runs)} runs, {sum(not r.ok for r in runs)} failed")
+        return
     print(f"streams: {streams} ({args.installations} installations x status+log), interval {args.interval:g} s, "
           f"{'embedded ClickHouse (in the daemon)' if args.store == 'embedded' else 'ClickHouse server (own process)'}; "
           f"ran {(stopped - first_run) / 60:.1f} min after discovery "
