@@ -262,7 +262,7 @@ def configure_logging(fmt: str = "auto", secrets: list[str] | None = None, level
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,  # the program configures once, before its first line; a bind per call is CPU
     )
     # Libraries log through stdlib logging (APScheduler, aiomqtt, paho): same format, same redaction.
     handler = logging.StreamHandler(sys.stderr)

@@ -74,6 +74,7 @@ class _Run:
     dead: int = 0
     started: float = 0.0  # time.monotonic() when the run began
     status_spooled: bool = False  # its sync_status row went into the last page's transaction
+    cursor_json: bytes | None = None  # `cursor` as committed, encoded once
     delay: float | None = None  # seconds between when the scheduler planned the run and when it began
 
 
@@ -365,18 +366,19 @@ class Syncer:
             payload["c"] = columns.spooled()  # the drainers get these very lists: no rows built, none decoded
         else:
             payload["e"] = page.rows()
+        encoded = orjson.dumps(page.cursor) if page.cursor is not None else None
         if page.done and not stream.push:  # the run ends with this page: its sync_status row commits with it
             state.lag_s = page.lag_s
-            text = orjson.dumps(page.cursor).decode()[:500] if page.cursor is not None else ""
+            text = encoded.decode()[:500] if encoded is not None else ""
             payload["s"] = [self._status_row(state, source, stream, "", text, run.events + len(page), run.pages + 1,
                                              time.monotonic() - run.started, time.time())]
             run.status_spooled = True
         await self.spool.commit(source.name, stream.name, payload, page.cursor)
-        if page.cursor is not None:
-            self._cursors[(source.name, stream.name)] = orjson.dumps(page.cursor)
+        if encoded is not None:
+            self._cursors[(source.name, stream.name)] = encoded
         self.wake()
         new_dead = len(payload["d"])  # the spool leaves out letters it already holds (a re-read page)
-        run.cursor = page.cursor
+        run.cursor, run.cursor_json = page.cursor, encoded
         run.pages, run.events, run.dead = run.pages + 1, run.events + len(page), run.dead + new_dead
         state.events += len(page)
         state.pages += 1
@@ -405,7 +407,7 @@ class Syncer:
                 log.info("stream.recovered")
             state.failing, state.error, state.last_success = False, "", now
         if run.status_spooled and not error:  # the row went in with the last page (one transaction, one fsync)
-            cursor_text = orjson.dumps(cursor).decode()[:500] if cursor is not None else ""
+            cursor_text = run.cursor_json.decode()[:500] if run.cursor_json is not None else ""
             self.metrics.set("syncd_stream_lag_seconds", state.lag_s or 0.0, source=source.name, stream=stream.name)
         else:
             cursor_text = await self._spool_status(state, source, stream, error, cursor, events, pages, duration)
