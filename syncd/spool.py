@@ -250,7 +250,7 @@ class Spool:
     def _store(self, source: str, stream: str, payload: dict[str, Any], cursor: Any) -> tuple[int | None, float, int, int]:
         """Inside a transaction: the page (if it holds anything), its status row and the cursor.
         Returns (page id, created, bytes, rows)."""
-        page_id, size, rows, created = None, 0, 0, time.time()
+        page_id, size, created = None, 0, time.time()
         if payload.get("d"):
             payload["d"] = [d for d in payload["d"] if self._first_sighting(source, stream, d)]
         rows = page_len(payload)
