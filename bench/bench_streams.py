@@ -20,9 +20,10 @@ Usage: python bench/bench_streams.py [--minutes 3] [--installations 5000] [--int
        [--profile OUT]   py-spy record --gil (raw, 20 s: Python on CPU) of the daemon in its steady window, to OUT
                          (perturbs the figures)
        [--keep DIR]      keep config, data dir, daemon log and probe file in DIR
-       [--daemon floor-apscheduler|floor-asyncio]
+       [--daemon floor-apscheduler|floor-asyncio|floor-raw]
                          instead of syncd, bench/floor_poller.py: the same GETs on the same phases and nothing else
-                         (with APScheduler jobs, or plain asyncio timers): the floor under CPU per run
+                         (with APScheduler jobs, or plain asyncio timers; floor-raw: asyncio timers and a hand-written
+                         keep-alive HTTP/1.1 client instead of aiohttp): the floor under CPU per run
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ STEADY_AFTER_S = 70.0  # past the first runs' minute (and their larger first rea
 BUCKET_S = 5.0
 TICK = os.sysconf("SC_CLK_TCK")
 
-FLOORS = {"floor-apscheduler": "apscheduler", "floor-asyncio": "asyncio"}  # --daemon: floor_poller.py --timers
+# --daemon: floor_poller.py --timers T --http H
+FLOORS = {"floor-apscheduler": ("apscheduler", "aiohttp"), "floor-asyncio": ("asyncio", "aiohttp"),
+          "floor-raw": ("asyncio", "raw")}
 TARGETS = {"rss": 400.0, "delay": 1.0, "duration": 10.0, "spread": 2.0, "cpu": 0.5}
 
 # Runs the daemon exactly as `python -m syncd run --config CFG`, with a probe on APScheduler's coroutine runner:
@@ -249,7 +252,8 @@ def main() -> None:
                              "streams would have")
     parser.add_argument("--daemon", choices=("syncd", *FLOORS), default="syncd",
                         help="syncd, or a reference poller doing only the runs' requests (bench/floor_poller.py) with "
-                             "APScheduler jobs or plain asyncio timers: the floor under CPU per run")
+                             "APScheduler jobs or plain asyncio timers (floor-raw: and a hand-written HTTP client): the floor under "
+                             "CPU per run")
     args = parser.parse_args()
 
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_streams."))
@@ -270,7 +274,7 @@ def main() -> None:
     cfg.write_text(text)
     cfg.chmod(0o600)  # it holds the simulator's key
     floor = [str(Path(__file__).with_name("floor_poller.py")), str(tmp / "sim.toml"), f"{args.interval:g}",
-             "--timers", FLOORS[args.daemon]] if args.daemon in FLOORS else []
+             "--timers", FLOORS[args.daemon][0], "--http", FLOORS[args.daemon][1]] if args.daemon in FLOORS else []
     daemon = subprocess.Popen([sys.executable, "-c", PROBE, str(cfg), str(probe), *floor], stdout=subprocess.DEVNULL,
                               stderr=log.open("w"))
     started = time.time()
