@@ -37,9 +37,10 @@ lint: $(STAMP)
 bench: $(STAMP) mosquitto  ## every figure beside its target, about 13 minutes
 	$(BIN)/python bench/bench_iotopen.py
 	$(BIN)/python bench/bench_budget.py
-	$(BIN)/python bench/bench_streams.py --minutes 2.5
+	$(BIN)/python bench/bench_streams.py --minutes 2
 	$(BIN)/python bench/bench_streams.py --minutes 1.5 --store server
 	$(BIN)/python bench/bench_streams.py --minutes 1.5 --daemon floor-apscheduler
+	$(BIN)/python bench/bench_streams.py --minutes 1.5 --daemon floor-raw
 	$(BIN)/python bench/bench_mqtt.py
 	$(BIN)/python bench/bench_startup.py
 	$(BIN)/python bench/bench_normalize.py --base 0782be0
