@@ -148,6 +148,13 @@ class SourceBase(_Section):
         start_ms(v, 0)  # raises with a clear message
         return v
 
+    @field_validator("interval", "timeout")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:  # "0s" parses, but no schedule or request can run on it
+            raise ValueError(f"must be longer than zero (got {v:g} s)")
+        return v
+
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, v: str) -> str:

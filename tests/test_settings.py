@@ -38,6 +38,16 @@ def test_three_mistakes_are_all_named_and_exit_2(tmp_path: Path) -> None:
     assert "3 problem(s)" in r.stdout
 
 
+def test_a_zero_interval_or_timeout_is_named_not_a_crash_at_scheduling(tmp_path: Path) -> None:
+    cfg = tmp_path / "zero.toml"
+    cfg.write_text('[[sources]]\nname = "a"\nvendor = "iotopen"\napi_key = "k"\ninterval = "0s"\ntimeout = "0ms"\n')
+    r = syncd("check", "--config", str(cfg))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "sources[0].interval: must be longer than zero (got 0 s)" in r.stdout
+    assert "sources[0].timeout: must be longer than zero (got 0 s)" in r.stdout
+    assert "2 problem(s)" in r.stdout
+
+
 def test_valid_config_exits_0(tmp_path: Path) -> None:
     cfg = tmp_path / "good.toml"
     cfg.write_text(GOOD.format(tmp=tmp_path))
