@@ -85,27 +85,25 @@ class _Conn(asyncio.Protocol):
 
 
 class RawHttp:
-    """GETs over a pool of keep-alive connections to one plain-HTTP host."""
+    """GETs over keep-alive connections to one plain-HTTP host; the caller's gate bounds how many are open."""
 
-    def __init__(self, base: str, headers: dict[str, str], size: int = 8) -> None:
+    def __init__(self, base: str, headers: dict[str, str]) -> None:
         parts = urlsplit(base)
         self.host, self.port = parts.hostname or "localhost", parts.port or 80
         self.head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": parts.netloc, "User-Agent": "floor/0.1", **headers}.items())
         self.idle: list[_Conn] = []
-        self.gate = asyncio.Semaphore(size)
 
     async def get(self, path: str, params: dict[str, Any] | None = None) -> tuple[int, bytes]:
-        async with self.gate:
-            conn = self.idle.pop() if self.idle else None
-            if conn is None or conn.transport is None:
-                _, conn = await asyncio.get_running_loop().create_connection(_Conn, self.host, self.port)
-            assert conn.transport is not None
-            target = f"{path}?{urlencode(params)}" if params else path
-            conn.waiter = asyncio.get_running_loop().create_future()
-            conn.transport.write(f"GET {target} HTTP/1.1\r\n{self.head}\r\n".encode())
-            status, body = await asyncio.wait_for(conn.waiter, 30)
-            self.idle.append(conn)
-            return status, body
+        conn = self.idle.pop() if self.idle else None
+        if conn is None or conn.transport is None:
+            _, conn = await asyncio.get_running_loop().create_connection(_Conn, self.host, self.port)
+        assert conn.transport is not None
+        target = f"{path}?{urlencode(params)}" if params else path
+        conn.waiter = asyncio.get_running_loop().create_future()
+        conn.transport.write(f"GET {target} HTTP/1.1\r\n{self.head}\r\n".encode())
+        status, body = await asyncio.wait_for(conn.waiter, 30)
+        self.idle.append(conn)
+        return status, body
 
 
 async def main() -> None:

@@ -96,6 +96,11 @@ class SourceState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+def _cursor_text(encoded: bytes | None) -> str:
+    """A cursor's JSON as sync_status and the summary line show it (cut at 500 characters)."""
+    return encoded.decode()[:500] if encoded is not None else ""
+
+
 def describe(err: BaseException) -> str:
     """What a failed run says in sync_status and logs: the class and the message (never empty)."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -374,7 +379,7 @@ class Syncer:
         encoded = orjson.dumps(page.cursor) if page.cursor is not None else None
         if page.done and not stream.push:  # the run ends with this page: its sync_status row commits with it
             state.lag_s = page.lag_s
-            text = encoded.decode()[:500] if encoded is not None else ""
+            text = _cursor_text(encoded)
             payload["s"] = [self._status_row(state, source, stream, "", text, run.events + len(page), run.pages + 1,
                                              time.monotonic() - run.started, time.time())]
             run.status_spooled = True
@@ -412,7 +417,7 @@ class Syncer:
                 log.info("stream.recovered")
             state.failing, state.error, state.last_success = False, "", now
         if run.status_spooled and not error:  # the row went in with the last page (one transaction, one fsync)
-            cursor_text = run.cursor_json.decode()[:500] if run.cursor_json is not None else ""
+            cursor_text = _cursor_text(run.cursor_json)
             self.metrics.set("syncd_stream_lag_seconds", state.lag_s or 0.0, source=source.name, stream=stream.name)
         else:
             cursor_text = await self._spool_status(state, source, stream, error, cursor, events, pages, duration)
@@ -422,7 +427,7 @@ class Syncer:
     async def _spool_status(self, state: StreamState, source: Source, stream: Stream, error: str, cursor: Any,
                             events: int, pages: int, duration: float) -> str:
         """One sync_status row through the spool (best effort); returns the cursor as text."""
-        cursor_text = orjson.dumps(cursor).decode()[:500] if cursor is not None else ""
+        cursor_text = _cursor_text(orjson.dumps(cursor) if cursor is not None else None)
         status = self._status_row(state, source, stream, error, cursor_text, events, pages, duration,
                                   state.last_success)
         payload = {"src": source.name, "vendor": source.vendor, "stream": stream.name, "s": [status]}
