@@ -10,7 +10,9 @@ gets SIGTERM. Measured:
   nothing in syncd is touched. It also counts runs skipped because the stream's previous run still ran.
   Cross-check without the probe: a first run is planned at the stream's phase (`phase_start`), so its delay
   is its start (`sync.finished` time - `duration_s`) minus the last phase time before it.
-- run completion: `duration_s` of the `sync.finished` log lines (JSON logs on stderr, kept in a file).
+- run completion: end - start of each run, from the probe (the daemon logs each run at debug; a floor poller on
+  asyncio timers has no probe: its `sync.finished` lines, JSON on stderr, tell instead). Events and failed runs:
+  the daemon's metrics.
 - first-run spread: first run starts per 5 s bucket over the 60 s from the earliest; max bucket / mean bucket.
 - CPU per run: utime+stime (/proc/PID/stat) over the steady window (from 70 s after the first run to the stop)
   divided by the runs that finished in it.
@@ -66,7 +68,8 @@ FLOORS = {"floor-apscheduler": ("apscheduler", "aiohttp"), "floor-asyncio": ("as
 TARGETS = {"rss": 400.0, "delay": 1.0, "duration": 10.0, "spread": 2.0, "cpu": 0.5}
 
 # Runs the daemon exactly as `python -m syncd run --config CFG`, with a probe on APScheduler's coroutine runner:
-# one line per run start (S) and per run skipped because the previous one still ran (K).
+# one line per run start (S), per run end (E: job, planned, started, ended) and per run skipped because the
+# previous one still ran (K).
 PROBE = r'''
 import atexit, runpy, sys, time
 import apscheduler.executors.asyncio as ax
@@ -75,8 +78,12 @@ out = open(sys.argv[2], "w", buffering=1 << 20)
 atexit.register(out.close)
 run_job, submit = ax.run_coroutine_job, ax.AsyncIOExecutor.submit_job
 async def probed(job, alias, run_times, logger_name):
-    out.write(f"S\t{job.id}\t{run_times[-1].timestamp():.6f}\t{time.time():.6f}\n")
-    return await run_job(job, alias, run_times, logger_name)
+    started = time.time()
+    out.write(f"S\t{job.id}\t{run_times[-1].timestamp():.6f}\t{started:.6f}\n")
+    try:
+        return await run_job(job, alias, run_times, logger_name)
+    finally:
+        out.write(f"E\t{job.id}\t{run_times[-1].timestamp():.6f}\t{started:.6f}\t{time.time():.6f}\n")
 def counted(self, job, run_times):
     try:
         return submit(self, job, run_times)
@@ -106,7 +113,7 @@ class Sample:
 @dataclass
 class Run:
     job: str  # "source:stream", the scheduler's job id
-    end: float  # wall clock of its sync.finished line
+    end: float  # wall clock of its end (probe), or of its sync.finished line
     duration: float
     ok: bool
     events: int
@@ -191,8 +198,15 @@ def daemon_config(sim_cfg: str, data_dir: Path, http: str, interval: float) -> s
     return text.replace('interval = "5s"', f'interval = "{interval:g}s"\nstart = "{START}"\nrate = {RATE}\nburst = {BURST}')
 
 
-def finished_runs(log: Path) -> list[Run]:
+def finished_runs(log: Path, probe: Path) -> list[Run]:
+    """Every run: the probe's end lines (APScheduler), else the `sync.finished` lines (a floor on asyncio timers)."""
     runs = []
+    for line in probe.read_text().splitlines() if probe.exists() else []:
+        kind, job, _, started, *ended = line.split("\t")
+        if kind == "E" and not job.startswith("discover:") and job != "progress":
+            runs.append(Run(job, float(ended[0]), float(ended[0]) - float(started), True, 0))
+    if runs:
+        return runs
     with log.open() as f:
         for line in f:
             if '"sync.finished"' not in line:
@@ -208,8 +222,8 @@ def probe_lines(path: Path) -> tuple[list[tuple[str, float, float]], int]:
     """(job, planned, started) of every stream run the probe saw start, and how many runs were skipped."""
     starts, skipped = [], 0
     for line in path.read_text().splitlines():
-        kind, job, planned, started = line.split("\t")
-        if job.startswith("discover:"):
+        kind, job, planned, started, *_ = line.split("\t")
+        if job.startswith("discover:") or job == "progress" or kind == "E":
             continue
         if kind == "S":
             starts.append((job, float(planned), float(started)))
@@ -319,7 +333,7 @@ def main() -> None:
         if server is not None:
             server.stop()
 
-    report(args, samples, finished_runs(log), probe, metrics, started, stopped, sim_ready_s)
+    report(args, samples, finished_runs(log, probe), probe, metrics, started, stopped, sim_ready_s)
     if len(threads) == 2:
         (a_at, a), (b_at, b) = threads
         print(f"daemon CPU by thread over the last {b_at - a_at:.0f} s, % of a core (user + system):")
@@ -397,10 +411,9 @@ def report(args: argparse.Namespace, samples: list[Sample], all_runs: list[Run],
           f"{'embedded ClickHouse (in the daemon)' if args.store == 'embedded' else 'ClickHouse server (own process)'}; "
           f"ran {(stopped - first_run) / 60:.1f} min after discovery "
           f"(discovery {first_run - started:.0f} s, simulator ready in {sim_ready_s:.0f} s)")
-    print(f"runs: {len(runs)} finished, {sum(not r.ok for r in runs)} failed, {skipped} skipped "
-          f"(previous run still going), {len(firsts)} streams ran at least once; "
-          f"events {sum(r.events for r in runs)} (metrics: {metric_total(metrics, 'syncd_events_total'):.0f}, "
-          f"stream errors {metric_total(metrics, 'syncd_stream_errors_total'):.0f})")
+    print(f"runs: {len(runs)} finished, {metric_total(metrics, 'syncd_stream_errors_total'):.0f} failed (metrics), "
+          f"{skipped} skipped (previous run still going), {len(firsts)} streams ran at least once; "
+          f"events {metric_total(metrics, 'syncd_events_total'):.0f} (metrics)")
     print(f"RSS max after discovery : {rss_max:8.1f} MB   {verdict(rss_max, TARGETS['rss'])}"
           f"   [anonymous {peak.anon_mb:.1f} MB of it; during discovery {rss_discovery:.1f} MB, "
           f"last {samples[-1].rss_mb:.1f} MB]")

@@ -71,18 +71,32 @@ class TokenBucket:
         throughput, which at burst 1 and 50 req/s is 5%. In any T seconds at most burst + rate·T + min(½, rate·slack)
         go out: 1 + 49 + 0.245, so still 50 a second at rate 49, burst 1.
         """
+        if not self._lock.locked():  # nobody waits before us: a token that is there needs no trip through the lock
+            now = self.clock()
+            if self._take(now):
+                return now
         async with self._lock:
             while True:
                 now = self.clock()
                 if now < self.blocked_until:
                     await self.sleep(self.blocked_until - now)
                     continue
-                self._refill(now)
-                early = min(0.5, self.rate * self.slack) + 1e-9  # + float tolerance: a refill may land a hair under
-                if self.tokens >= 1.0 - early:
-                    self.tokens -= 1.0
+                if self._take(now):
                     return now
-                await self.sleep(max((1.0 - early - self.tokens) / self.rate, 1e-6))
+                await self.sleep(max((1.0 - self._early() - self.tokens) / self.rate, 1e-6))
+
+    def _take(self, now: float) -> bool:
+        """Take a token at `now` if one may go (not blocked, one whole but for the slack)."""
+        if now < self.blocked_until:
+            return False
+        self._refill(now)
+        if self.tokens >= 1.0 - self._early():
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def _early(self) -> float:
+        return min(0.5, self.rate * self.slack) + 1e-9  # + float tolerance: a refill may land a hair under
 
     def rate_at(self, now: float) -> float:
         """The allowed rate at `now`: the floor plus what the time since the climb started has added back."""

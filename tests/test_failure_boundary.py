@@ -113,6 +113,34 @@ async def test_an_unexpected_exception_fails_the_run_visibly_and_the_next_run_re
     spool.close()
 
 
+async def test_the_daemon_logs_runs_worth_a_line_and_sums_the_rest_per_source(tmp_path: Path) -> None:
+    """Scheduled (the daemon): a stream's first run, a failure, a recovery are `sync.finished` lines at info; a
+    routine run is at debug, counted in the source's `sync.progress` line."""
+    syncer, spool, _ = _syncer(tmp_path)
+    source = Surprising("odd", exc=KeyError("total"))
+    syncer.add_source(source)
+    await syncer.discover("odd")
+    syncer.quiet_runs = True  # what `schedule()` sets
+    with capture_logs() as logs:
+        for _ in range(3):
+            await syncer.run_stream("odd", "good")  # first run at info, then two routine runs
+        await syncer.run_stream("odd", "bad")  # fails: info
+        await syncer.run_stream("odd", "bad")  # still failing: info
+        source.exc = None
+        await syncer.run_stream("odd", "bad")  # recovers: info
+        await syncer.run_stream("odd", "bad")  # routine
+        await syncer.progress()
+        await syncer.progress()  # nothing ran since: counts are zero, the streams still named
+    lines = [(e["log_level"], e["ok"], e["events"]) for e in logs if e["event"] == "sync.finished"]
+    # `good`: pages 1..3 (an event each) on its first run, then one new page a run; `bad` likewise once it recovers
+    assert lines == [("info", True, 3), ("debug", True, 1), ("debug", True, 1),
+                     ("info", False, 0), ("info", False, 0), ("info", True, 3), ("debug", True, 1)]
+    progress = [e for e in logs if e["event"] == "sync.progress"]
+    assert [(e["runs"], e["failed"], e["events"], e["pages"], e["streams"], e["failing_streams"]) for e in progress] \
+        == [(7, 2, 9, 9, 2, 0), (0, 0, 0, 0, 2, 0)]
+    spool.close()
+
+
 async def test_a_surprise_in_discovery_stays_in_its_source(tmp_path: Path) -> None:
     syncer, spool, m = _syncer(tmp_path)
     syncer.add_source(Surprising("broken", discover_exc=ValueError("1 validation error for Installation")))
