@@ -71,10 +71,6 @@ class TokenBucket:
         throughput, which at burst 1 and 50 req/s is 5%. In any T seconds at most burst + rate·T + min(½, rate·slack)
         go out: 1 + 49 + 0.245, so still 50 a second at rate 49, burst 1.
         """
-        if not self._lock.locked():  # nobody waits before us: a token that is there needs no trip through the lock
-            now = self.clock()
-            if self._take(now):
-                return now
         async with self._lock:
             while True:
                 now = self.clock()
