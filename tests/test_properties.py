@@ -460,3 +460,23 @@ def test_ixon_alert_fetch_never_raises(records: list[Any], more: bool) -> None:
     page_ = asyncio.run(src._fetch_alerts(Stream("alert/dev", "alert", "t", {"agent": "dev"}), None))
     assert len(page_.events) + 2 * len(page_.dead) <= 2 * len(records)
     _fetched(page_, records)
+
+
+@given(stamps=st.lists(st.integers(1_700_000_000_000, 1_700_020_000_000), max_size=300),
+       found=st.lists(st.integers(1_700_000_000_000, 1_700_020_000_000), max_size=50),
+       covered=st.integers(1_700_000_000_000, 1_700_030_000_000))
+def test_late_tally_cursor_keeps_every_bucket_a_reread_may_compare(stamps: list[int], found: list[int],
+                                                                    covered: int) -> None:
+    """The tally's cursor (dense lists) holds exactly the counts in the kept range, survives JSON, and reads the
+    map form cursors held before it the same way."""
+    window = 3_600_000
+    tally = LateTally(None, window)
+    tally.add_all(stamps)
+    tally.add_all(found, min(found, default=0), max(found, default=0) + 1)
+    state = orjson.loads(orjson.dumps(tally.state(covered)))
+    back = LateTally(state, window)
+    low, high = covered - 2 * window - tally.size, covered + window
+    for mine, theirs in ((tally.stored, back.stored), (tally.found, back.found)):
+        assert {b: n for b, n in theirs.items() if n} == {b: n for b, n in mine.items() if low <= b <= high}
+    legacy = {"size": tally.size, "stored": {str(b): n for b, n in tally.stored.items()}, "found": {}}
+    assert LateTally(legacy, window).stored == tally.stored
