@@ -392,7 +392,7 @@ class Syncer:
             payload["s"] = [self._status_row(state, source, stream, "", text, run.events + len(page), run.pages + 1,
                                              time.monotonic() - run.started, time.time())]
             run.status_spooled = True
-        await self.spool.commit(source.name, stream.name, payload, page.cursor)
+        await self.spool.commit(source.name, stream.name, payload, encoded)  # the cursor as JSON, encoded once
         if encoded is not None:
             self._cursors[(source.name, stream.name)] = encoded
         self.wake()

@@ -181,7 +181,8 @@ class Spool:
         """Store a page (events `c` or `e`, dead letters `d`, stream status `s`) and the stream's cursor atomically.
 
         A dead letter already stored for the stream (same reason and payload: a re-read page) is left out;
-        `payload["d"]` holds only the new ones afterwards.
+        `payload["d"]` holds only the new ones afterwards. `cursor` may come as its JSON already (bytes: the
+        scheduler encodes it once for its own cache), else it is encoded here.
         """
         with self._tx():
             stored = self._store(source, stream, payload, cursor)
@@ -269,7 +270,7 @@ class Spool:
             self._db.execute(
                 "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(source, stream) DO UPDATE "
                 "SET cursor=excluded.cursor, updated=excluded.updated",
-                (source, stream, orjson.dumps(cursor).decode(), time.time()),
+                (source, stream, (cursor if isinstance(cursor, bytes) else orjson.dumps(cursor)).decode(), time.time()),
             )
         return page_id, created, size, rows
 
