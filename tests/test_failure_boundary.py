@@ -27,17 +27,7 @@ from syncd.sinks.base import Drainer, Sink
 from syncd.sources.base import Page, Source, Stream
 from syncd.spool import Batch, Spool
 from tests.conftest import free_port
-from tests.helpers import (
-    ch,
-    logged,
-    popen_syncd,
-    status_row,
-    stored_keys,
-    syncd,
-    syncd_status,
-    truth_keys,
-    write_config,
-)
+from tests.helpers import ch, logged, popen_syncd, status_row, stored_keys, syncd, syncd_status, truth_keys, write_config
 from tests.mqtt_helpers import Subscriber, metrics, wait_for
 
 # -- a connector of our own making, to throw what no real vendor should (but one day will) -----------------
