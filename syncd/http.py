@@ -77,22 +77,12 @@ class TokenBucket:
                 if now < self.blocked_until:
                     await self.sleep(self.blocked_until - now)
                     continue
-                if self._take(now):
+                self._refill(now)
+                early = min(0.5, self.rate * self.slack) + 1e-9  # + float tolerance: a refill may land a hair under
+                if self.tokens >= 1.0 - early:
+                    self.tokens -= 1.0
                     return now
-                await self.sleep(max((1.0 - self._early() - self.tokens) / self.rate, 1e-6))
-
-    def _take(self, now: float) -> bool:
-        """Take a token at `now` if one may go (not blocked, one whole but for the slack)."""
-        if now < self.blocked_until:
-            return False
-        self._refill(now)
-        if self.tokens >= 1.0 - self._early():
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def _early(self) -> float:
-        return min(0.5, self.rate * self.slack) + 1e-9  # + float tolerance: a refill may land a hair under
+                await self.sleep(max((1.0 - early - self.tokens) / self.rate, 1e-6))
 
     def rate_at(self, now: float) -> float:
         """The allowed rate at `now`: the floor plus what the time since the climb started has added back."""
