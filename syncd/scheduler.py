@@ -136,6 +136,8 @@ class Syncer:
         # each stream's cursor as last committed (encoded: a connector may change the object it was given), so a
         # run starts without a trip to the spool thread; the spool is read once per stream after a start
         self._cursors: dict[tuple[str, str], bytes] = {}
+        self.fetching = 0  # pull runs fetching a page now: the spool's group commit waits for their pages
+        spool.expecting = lambda: self.fetching > 0
         self._planned: dict[str, float] = {}  # job id -> when APScheduler planned the run it just submitted
         self._background: set[asyncio.Task[Any]] = set()
         self._run_ids = itertools.count(random.getrandbits(32))  # a run's id in its log lines (no uuid per run)
@@ -295,7 +297,11 @@ class Syncer:
         while not self.stop.is_set():
             await self.room()
             fetch_started = time.monotonic()
-            page = await st.source.relogged(functools.partial(st.source.fetch, stream, run.cursor))
+            self.fetching += 1
+            try:
+                page = await st.source.relogged(functools.partial(st.source.fetch, stream, run.cursor))
+            finally:
+                self.fetching -= 1
             self.metrics.observe("syncd_page_fetch_seconds", time.monotonic() - fetch_started,
                                  source=st.source.name, kind=stream.kind)
             await self._commit(state, st.source, stream, page, run)

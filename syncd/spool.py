@@ -33,6 +33,8 @@ from syncd.events import COLUMNS
 
 P = ParamSpec("P")
 FRESH_BYTES = 64 * 2**20  # encoded bytes of just-committed pages kept decoded for the drainers (~1.5x in memory, attrs shared)
+COMMIT_LINGER_S = 0.05  # a group commit waits at most this long for pages still being fetched (`Spool.expecting`)
+COMMIT_GAP_S = 0.005  # ... and only while they keep coming: this long without a new page sends the group
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -158,6 +160,12 @@ class Spool:
         self._queue: list[tuple[str, str, dict[str, Any], Any, asyncio.Future[int | None]]] = []
         self._queue_lock = threading.Lock()
         self._committing = False
+        # Whether more pages are on their way (the syncer's runs fetching one). A group then waits for them while
+        # they keep coming (COMMIT_GAP_S), up to COMMIT_LINGER_S, instead of committing alone: the ~40 runs of a
+        # phase tick answer over some milliseconds, and a commit each was a transaction and an fsync each (measured
+        # at 10,000 streams: 1.2 pages a group, the spool thread 0.28 ms of CPU a run). Called on the event loop.
+        self.expecting: Callable[[], bool] = lambda: False
+        self._linger: asyncio.TimerHandle | None = None
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a spool method on the spool's own thread (SQLite fsyncs must not block the event loop)."""
@@ -191,16 +199,37 @@ class Spool:
 
     async def commit(self, source: str, stream: str, payload: dict[str, Any], cursor: Any) -> int | None:
         """`commit_page` from async code, with group commit: pages that come while the spool thread is busy wait
-        for it, then commit together in one transaction (one fsync). Each caller returns once its page and cursor
-        are durable, and one page's failure is its caller's alone (each page is a savepoint)."""
+        for it, or while more are expected and coming (`expecting`, `_linger_on`), then commit together in one
+        transaction (one fsync). Each caller returns once its page and cursor are durable, and one page's failure
+        is its caller's alone (each page is a savepoint)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[int | None] = loop.create_future()
         with self._queue_lock:
             self._queue.append((source, stream, payload, cursor, done))
             start, self._committing = not self._committing, True
-        if start:
-            self._next_group(loop)
+        if start and self.expecting():
+            self._linger = loop.call_later(COMMIT_GAP_S, self._linger_on, loop, loop.time(), 1)
+        elif start or (self._linger is not None and not self.expecting()):  # the last page expected is here
+            self._flush(loop)
         return await done
+
+    def _linger_on(self, loop: asyncio.AbstractEventLoop, since: float, seen: int) -> None:
+        """A waiting group goes on waiting while pages are still expected and still coming (one came in the last
+        COMMIT_GAP_S), for COMMIT_LINGER_S at most: a run hanging on a slow vendor holds back no other's page
+        longer than a gap."""
+        with self._queue_lock:
+            queued = len(self._queue)
+        if queued > seen and self.expecting() and loop.time() - since < COMMIT_LINGER_S:
+            self._linger = loop.call_later(COMMIT_GAP_S, self._linger_on, loop, since, queued)
+        else:
+            self._flush(loop)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The group waiting on the event loop goes to the spool thread now."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        self._next_group(loop)
 
     def _next_group(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand the queue's next group to the spool thread; when the spool is closed, what is queued can never

@@ -100,6 +100,7 @@ async def test_an_unexpected_exception_fails_the_run_visibly_and_the_next_run_re
         fixed = await syncer.run_stream("odd", "bad")
     assert not fixed.failing and spool.get_cursor("odd", "bad") == 3
     assert [e["event"] for e in logs].count("stream.recovered") == 1
+    assert syncer.fetching == 0 and not spool.expecting()  # a failed fetch leaves no commit waiting for its page
     spool.close()
 
 

@@ -281,3 +281,73 @@ async def test_a_stream_of_commits_never_starves_other_spool_work(tmp_path: Path
     assert seen < 1500 and len(done) == 1500  # answered while pages were still coming
     assert rows >= seen  # and exact at its time: every page its caller had heard of, at least
     spool.close()
+
+
+async def test_a_group_waits_for_pages_still_being_fetched_and_for_nothing_else(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runs of a phase tick answer over some milliseconds: while `expecting` says pages are on their way, the
+    first page waits for them and they commit in one transaction; the page that leaves nothing expected sends the
+    group at once; with nothing expected a page commits at once; a page expected that does not come holds the group
+    one COMMIT_GAP_S; and pages that never stop coming hold it COMMIT_LINGER_S at most."""
+    import asyncio
+
+    import syncd.spool
+
+    monkeypatch.setattr(syncd.spool, "COMMIT_LINGER_S", 3600.0)  # below, only `expecting` can end a wait
+    monkeypatch.setattr(syncd.spool, "COMMIT_GAP_S", 3600.0)
+    spool = Spool(tmp_path / "state.db")
+    spool.register_sinks(["a"])
+    groups: list[int] = []
+    commit_group = spool._commit_group
+
+    def counted(items: list[Any]) -> list[Any]:
+        groups.append(len(items))
+        return commit_group(items)
+
+    spool._commit_group = counted  # type: ignore[method-assign]
+    fetching = 5
+    spool.expecting = lambda: fetching > 0
+
+    def commit(n: int) -> asyncio.Task[int | None]:
+        rows = [[n, "s", "v", "log", "1", "d", "m", 1_700_000_000_000 + n, None, None, {}]]
+        return asyncio.create_task(spool.commit("s", f"log/{n}", {"src": "s", "vendor": "v", "stream": f"log/{n}",
+                                                                  "e": rows}, {"n": n}))
+
+    tasks = []
+    for n in range(4):  # four runs have their page, one is still fetching
+        fetching -= 1
+        tasks.append(commit(n))
+        for _ in range(20):
+            await asyncio.sleep(0)  # turns of the loop, not a wait for the spool thread: nothing was handed to it
+    assert groups == [] and not any(t.done() for t in tasks)
+    fetching -= 1
+    tasks.append(commit(4))  # the last page expected
+    ids = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert groups == [5] and len(set(ids)) == 5
+    assert all(spool.get_cursor("s", f"log/{n}") == {"n": n} for n in range(5))
+    await asyncio.wait_for(commit(5), 30)  # nothing expected: at once, alone
+    assert groups == [5, 1]
+    monkeypatch.setattr(syncd.spool, "COMMIT_GAP_S", 0.01)
+    fetching = 1  # a fetch that never ends (its run hangs on the vendor): the page waits one gap, no longer
+    await asyncio.wait_for(commit(6), 30)
+    assert groups == [5, 1, 1] and spool.get_cursor("s", "log/6") == {"n": 6}
+    monkeypatch.setattr(syncd.spool, "COMMIT_LINGER_S", 0.05)
+    committed: list[int | None] = []
+    first = asyncio.Event()
+
+    async def one(n: int) -> None:
+        committed.append(await commit(n))
+        first.set()
+
+    async def produce() -> list[asyncio.Task[None]]:  # a page every turn of the loop, and always one more expected
+        made: list[asyncio.Task[None]] = []
+        while not first.is_set() and len(made) < 200_000:
+            made.append(asyncio.create_task(one(7 + len(made))))
+            await asyncio.sleep(0)
+        return made
+
+    made = await asyncio.wait_for(produce(), 60)
+    assert first.is_set() and len(made) < 200_000  # a group committed while pages still came
+    await asyncio.wait_for(asyncio.gather(*made), 60)
+    assert len(committed) == len(made) and sum(groups) == 7 + len(made)
+    spool.close()
