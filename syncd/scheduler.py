@@ -13,17 +13,19 @@ import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
-from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd.errors import Terminal, Transient, VendorAuthError
 from syncd.observability import Metrics
 from syncd.sources.base import Page, Source, Stream, guard_page
 from syncd.spool import Spool
+
+if TYPE_CHECKING:
+    from apscheduler.events import JobSubmissionEvent
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 log = structlog.get_logger("syncd.sync")
 
@@ -493,6 +495,9 @@ class Syncer:
         The discovery job ticks often but only calls the vendor when something is due: a periodic rediscovery,
         a retry after a discovery error, or the re-check of a refused credential.
         """
+        from apscheduler.events import EVENT_JOB_SUBMITTED  # here: `--once` starts without APScheduler's ~17 ms import
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
         self.rediscover_every = rediscover_every
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.scheduler.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
