@@ -490,7 +490,7 @@ class Syncer:
     # -- schedules --------------------------------------------------------------------------------
 
     def schedule(self, rediscover_every: float = 600.0) -> AsyncIOScheduler:
-        """Start APScheduler with one job per stream (jittered, never overlapping) and a discovery job per source.
+        """Start APScheduler with one job per stream (at its stable hash phase, never overlapping) and a discovery job per source.
 
         The discovery job ticks often but only calls the vendor when something is due: a periodic rediscovery,
         a retry after a discovery error, or the re-check of a refused credential.
