@@ -97,6 +97,7 @@ class SourceState:
     discovery_error: str = ""  # the last discovery failure, cleared by a successful one
     discovered_at: float | None = None  # monotonic time of the last successful discovery
     newest: dict[tuple[str, str], int] | None = None  # the sink's newest event per (kind, tenant), asked once
+    newest_asked: asyncio.Future[dict[tuple[str, str], int]] | None = None  # that question while it is out
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tally: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # runs, failed, events, pages since `sync.progress`
 
@@ -284,9 +285,14 @@ class Syncer:
         if self.newest is None or stream.name in st.source.resume:
             return
         if st.newest is None:
+            if st.newest_asked is None:  # one query for all the streams that start without a cursor together
+                st.newest_asked = asyncio.ensure_future(self.newest(st.source.name))
+            asked = st.newest_asked
             try:
-                st.newest = await self.newest(st.source.name)
+                st.newest = await asyncio.shield(asked)
             except Exception as err:  # noqa: BLE001 - the store is down: `start` bounds the first read instead
+                if st.newest_asked is asked:
+                    st.newest_asked = None  # the next stream to start asks again
                 log.warning("stream.resume_point_unknown", error=describe(err), fallback="start")
                 return
         same = [s for s in st.streams.values() if (s.kind, s.tenant) == (stream.kind, stream.tenant)]

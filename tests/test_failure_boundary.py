@@ -104,6 +104,79 @@ async def test_an_unexpected_exception_fails_the_run_visibly_and_the_next_run_re
     spool.close()
 
 
+class Cursorless(Surprising):
+    """20 streams of their own (kind, tenant), each one page; `keep=False` leaves them without a cursor."""
+
+    keep = True
+
+    async def discover(self) -> list[Stream]:
+        return [Stream(f"log/{i}", "log", f"t{i}") for i in range(20)]
+
+    async def fetch(self, stream: Stream, cursor: Any) -> Page:
+        return Page([], 1 if self.keep else None, done=True)
+
+
+async def test_streams_starting_without_a_cursor_ask_the_store_once_not_once_each(tmp_path: Path) -> None:
+    """state.db lost under 10,000 streams: the streams that start together ask the sink for their resume point in
+    one query, all resume from its answer; a failed answer sends every one of them to `start`, and the next
+    streams to start ask again."""
+    spool, m = Spool(tmp_path / "state.db"), Metrics()
+    spool.register_sinks(["clickhouse"])
+    asked: list[str] = []
+    release = asyncio.Event()
+
+    async def newest(source: str) -> dict[tuple[str, str], int]:
+        asked.append(source)
+        await release.wait()
+        if source == "down":
+            raise ConnectionError("store unreachable")
+        return {("log", f"t{i}"): 1_700_000_000_000 + i for i in range(20)}
+
+    async def room() -> None:
+        return None
+
+    syncer = Syncer(spool, m, instance="t", wake=lambda: None, room=room, newest=newest)
+    reached, all_there = 0, asyncio.Event()
+    resume_point = syncer._resume_point
+
+    async def counted(st: Any, stream: Stream) -> None:
+        nonlocal reached
+        reached += 1
+        if reached == 20:
+            all_there.set()  # its waiter wakes on a later turn of the loop, once this one waits below too
+        await resume_point(st, stream)  # runs up to its first wait: the query, or the one already out
+
+    syncer._resume_point = counted  # type: ignore[method-assign]
+
+    async def round_of(name: str) -> list[Any]:
+        nonlocal reached
+        reached = 0
+        release.clear()
+        all_there.clear()
+        runs = [asyncio.create_task(syncer.run_stream(name, s)) for s in syncer.sources[name].streams]
+        await asyncio.wait_for(all_there.wait(), 30)
+        asked_now = list(asked)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*runs), 30)
+        return asked_now
+
+    up, down = Cursorless("up"), Cursorless("down")
+    down.keep = False
+    for source in (up, down):
+        syncer.add_source(source)
+        await syncer.discover(source.name)
+    with capture_logs() as logs:
+        assert await round_of("up") == ["up"]  # 20 streams waiting, one question out
+    assert up.resume == {f"log/{i}": 1_700_000_000_000 + i - 3_600_000 for i in range(20)}
+    assert [e["event"] for e in logs].count("stream.resumed_from_sink") == 20
+    with capture_logs() as logs:
+        assert await round_of("down") == ["up", "down"]
+    assert down.resume == {} and [e["event"] for e in logs].count("stream.resume_point_unknown") == 20
+    assert not any(syncer.states[("down", s)].failing for s in syncer.sources["down"].streams)  # read from `start`
+    assert await round_of("down") == ["up", "down", "down"]  # asked again, once
+    spool.close()
+
+
 async def test_the_daemon_logs_runs_worth_a_line_and_sums_the_rest_per_source(tmp_path: Path) -> None:
     """Scheduled (the daemon): a stream's first run, a failure, a recovery are `sync.finished` lines at info; a
     routine run is at debug, counted in the source's `sync.progress` line."""
