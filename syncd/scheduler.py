@@ -64,7 +64,7 @@ def phase_start(job_id: str, interval: float, now: float) -> float:
     stream on a long interval still starts within a minute.
 
     Phases lie on a grid of PHASE_TICK_S: the ~40 streams of 10,000 due in a quarter second start together, in
-    one wake-up of the scheduler (and their pages commit in one spool transaction), instead of one by one.
+    one wake-up of the scheduler (and their pages commit together: `Spool.expecting`), instead of one by one.
     """
     spread = min(interval, FIRST_RUN_SPREAD_S)
     digest = hashlib.blake2b(job_id.encode("utf-8", "backslashreplace"), digest_size=8).digest()
@@ -496,7 +496,8 @@ class Syncer:
     # -- schedules --------------------------------------------------------------------------------
 
     def schedule(self, rediscover_every: float = 600.0) -> AsyncIOScheduler:
-        """Start APScheduler with one job per stream (at its stable hash phase, never overlapping) and a discovery job per source.
+        """Start APScheduler with one job per stream (at its stable hash phase, never overlapping) and a discovery
+        job per source.
 
         The discovery job ticks often but only calls the vendor when something is due: a periodic rediscovery,
         a retry after a discovery error, or the re-check of a refused credential.

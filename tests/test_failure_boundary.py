@@ -58,14 +58,14 @@ class Surprising(Source):
         return Page([ev], n, done=n >= 3)
 
 
-def _syncer(tmp: Path) -> tuple[Syncer, Spool, Metrics]:
+def _syncer(tmp: Path, newest: Any = None) -> tuple[Syncer, Spool, Metrics]:
     spool, metrics_ = Spool(tmp / "state.db"), Metrics()
     spool.register_sinks(["clickhouse"])
 
     async def room() -> None:
         return None
 
-    return Syncer(spool, metrics_, instance="t", wake=lambda: None, room=room), spool, metrics_
+    return Syncer(spool, metrics_, instance="t", wake=lambda: None, room=room, newest=newest), spool, metrics_
 
 
 def _status_rows(spool: Spool) -> list[list[Any]]:
@@ -120,8 +120,6 @@ async def test_streams_starting_without_a_cursor_ask_the_store_once_not_once_eac
     """state.db lost under 10,000 streams: the streams that start together ask the sink for their resume point in
     one query, all resume from its answer; a failed answer sends every one of them to `start`, and the next
     streams to start ask again."""
-    spool, m = Spool(tmp_path / "state.db"), Metrics()
-    spool.register_sinks(["clickhouse"])
     asked: list[str] = []
     release = asyncio.Event()
 
@@ -132,10 +130,7 @@ async def test_streams_starting_without_a_cursor_ask_the_store_once_not_once_eac
             raise ConnectionError("store unreachable")
         return {("log", f"t{i}"): 1_700_000_000_000 + i for i in range(20)}
 
-    async def room() -> None:
-        return None
-
-    syncer = Syncer(spool, m, instance="t", wake=lambda: None, room=room, newest=newest)
+    syncer, spool, _ = _syncer(tmp_path, newest)
     reached, all_there = 0, asyncio.Event()
     resume_point = syncer._resume_point
 

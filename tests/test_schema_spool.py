@@ -209,11 +209,8 @@ def test_an_ack_brings_the_next_batch_only_when_one_is_due(tmp_path: Path) -> No
     assert third is not None and third.rows == 1
 
 
-async def test_pages_committed_together_each_return_when_durable_and_a_bad_one_fails_alone(tmp_path: Path) -> None:
-    """Group commit: 60 streams commit at once; they share transactions (fewer groups than pages), every page and
-    cursor is in the file when its caller returns, and the one page that cannot be stored fails its caller only."""
-    import asyncio
-
+def _counting_groups(tmp_path: Path) -> tuple[Spool, list[int]]:
+    """A spool with one sink, and the size of every group it commits, in order."""
     spool = Spool(tmp_path / "state.db")
     spool.register_sinks(["a"])
     groups: list[int] = []
@@ -224,6 +221,15 @@ async def test_pages_committed_together_each_return_when_durable_and_a_bad_one_f
         return commit_group(items)
 
     spool._commit_group = counted  # type: ignore[method-assign]
+    return spool, groups
+
+
+async def test_pages_committed_together_each_return_when_durable_and_a_bad_one_fails_alone(tmp_path: Path) -> None:
+    """Group commit: 60 streams commit at once; they share transactions (fewer groups than pages), every page and
+    cursor is in the file when its caller returns, and the one page that cannot be stored fails its caller only."""
+    import asyncio
+
+    spool, groups = _counting_groups(tmp_path)
 
     async def one(n: int) -> int | None:
         rows = [[n, "s", "v", "log", "1", "d", "m", 1_700_000_000_000 + n, None, None, {}]]
@@ -295,16 +301,7 @@ async def test_a_group_waits_for_pages_still_being_fetched_and_for_nothing_else(
 
     monkeypatch.setattr(syncd.spool, "COMMIT_LINGER_S", 3600.0)  # below, only `expecting` can end a wait
     monkeypatch.setattr(syncd.spool, "COMMIT_GAP_S", 3600.0)
-    spool = Spool(tmp_path / "state.db")
-    spool.register_sinks(["a"])
-    groups: list[int] = []
-    commit_group = spool._commit_group
-
-    def counted(items: list[Any]) -> list[Any]:
-        groups.append(len(items))
-        return commit_group(items)
-
-    spool._commit_group = counted  # type: ignore[method-assign]
+    spool, groups = _counting_groups(tmp_path)
     fetching = 5
     spool.expecting = lambda: fetching > 0
 
